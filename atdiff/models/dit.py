@@ -1,0 +1,217 @@
+"""DiT/SiT-style class-conditional diffusion transformer with a switchable token mixer.
+
+Follows Peebles & Xie's DiT (and SiT, which shares the network): patchify, adaLN-Zero blocks
+conditioned on timestep + class, label dropout for classifier-free guidance, optional learned
+sigma. ``token_mixer`` picks self-attention, ATConv (no absolute position embedding: the
+convolution carries position, as the ATConv authors do) or a hybrid that alternates the two and
+keeps the position embedding.
+
+Written as our own ModelMixin rather than a subclass of diffusers' ``DiTTransformer2DModel``:
+that class gives every block its own timestep/label embedder (far more parameters than DiT) and
+hard-wires attention inside ``BasicTransformerBlock``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import LabelEmbedding, PatchEmbed, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from ..nn.mixer import layer_mixers, token_mixer
+
+# Widths of the published DiT/SiT sizes, plus CPU-sized ones for Fashion-MNIST-scale work.
+DIT_SIZES: dict[str, dict[str, int]] = {
+    "XS": dict(hidden_size=96, depth=4, num_heads=3),
+    "T": dict(hidden_size=192, depth=6, num_heads=3),
+    "S": dict(hidden_size=384, depth=12, num_heads=6),
+    "B": dict(hidden_size=768, depth=12, num_heads=12),
+    "L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+
+
+def dit_size(name: str) -> dict[str, int]:
+    """Config kwargs for a DiT size name such as ``"S/2"`` or ``"T/4"``."""
+    size, _, patch = name.upper().partition("/")
+    if size not in DIT_SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+        raise ValueError(f"unknown DiT size {name!r}; use SIZE/PATCH with SIZE in {list(DIT_SIZES)} and PATCH in {PATCH_SIZES}")
+    return dict(DIT_SIZES[size], patch_size=int(patch))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: only ``mixer`` differs between attention and ATConv models."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mixer = mixer
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift1, scale1), grid)
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+
+class DiTModel(ModelMixin, ConfigMixin):
+    """Class-conditional (or unconditional, ``num_classes=0``) DiT with a switchable token mixer.
+
+    ``forward(sample, timestep, class_labels)`` returns the noise/velocity prediction with
+    ``out_channels`` = ``in_channels`` (the learned-sigma channels, if any, follow in channels
+    ``in_channels:``). ``class_labels == num_classes`` is the null label used for guidance.
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = True,
+        token_mixer: str = "attention",
+        atconv_kernel_size: int = 3,
+        atconv_pooling: str = "1d",
+        atconv_inhibition: bool = True,
+    ):
+        super().__init__()
+        height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"sample_size {height}x{width} is not divisible by patch_size {patch_size}")
+        mixers = layer_mixers(token_mixer, depth)
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.grid = (height // patch_size, width // patch_size)
+
+        # Any attention layer needs absolute positions; pure ATConv gets them from its convolution.
+        use_pos_embed = "attention" in mixers
+        # The sin-cos table is a non-persistent buffer: recomputed at load, never stored in weights.
+        self.x_embedder = PatchEmbed(
+            height, width, patch_size, in_channels, hidden_size, pos_embed_type="sincos" if use_pos_embed else None
+        )
+        self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.t_embedder = TimestepEmbedding(256, hidden_size)
+        self.y_embedder = LabelEmbedding(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+
+        atconv_kwargs = dict(kernel_size=atconv_kernel_size, pooling=atconv_pooling, inhibition=atconv_inhibition)
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, token_mixer_for(kind, hidden_size, num_heads, atconv_kwargs), mlp_ratio)
+            for kind in mixers
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT initialisation: xavier linears, zero-init adaLN and output (each block starts as identity)."""
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.linear_1.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.linear_2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that take no weight decay (ATConv's ``difference_control``)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("difference_control")}
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W)."""
+        p, (h, w) = self.config.patch_size, self.grid
+        x = x.view(x.shape[0], h, w, p, p, self.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], self.out_channels, h * p, w * p)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        expected = (self.in_channels, *(g * self.config.patch_size for g in self.grid))
+        if tuple(sample.shape[1:]) != expected:
+            raise ValueError(f"DiTModel expects samples of shape (B, {', '.join(map(str, expected))}), got {tuple(sample.shape)}")
+        batch = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device)
+        timestep = timestep.expand(batch) if timestep.dim() == 0 else timestep
+
+        x = self.x_embedder(sample)
+        c = self.t_embedder(self.t_proj(timestep).to(x.dtype))
+        if self.y_embedder is not None:
+            if class_labels is None:
+                raise ValueError("this DiTModel is class-conditional: pass class_labels (num_classes is the null label)")
+            c = c + self.y_embedder(class_labels)
+        for block in self.blocks:
+            x = block(x, c, self.grid)
+        out = self.unpatchify(self.final_layer(x, c))
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+def token_mixer_for(kind: str, dim: int, num_heads: int, atconv_kwargs: dict) -> nn.Module:
+    return token_mixer(kind, dim, num_heads, **(atconv_kwargs if kind == "atconv" else {}))

@@ -1,0 +1,1 @@
+"""diffusers pipelines for atdiff models (installed as ``atdiff.pipelines``)."""
