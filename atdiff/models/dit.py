@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import LabelEmbedding, PatchEmbed, TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import (
+    LabelEmbedding,
+    PatchEmbed,
+    TimestepEmbedding,
+    Timesteps,
+    get_2d_sincos_pos_embed_from_grid,
+)
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -40,6 +46,17 @@ def dit_size(name: str) -> dict[str, int]:
     if size not in DIT_SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
         raise ValueError(f"unknown DiT size {name!r}; use SIZE/PATCH with SIZE in {list(DIT_SIZES)} and PATCH in {PATCH_SIZES}")
     return dict(DIT_SIZES[size], patch_size=int(patch))
+
+
+def sincos_position_table(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """MAE/DiT 2-D sin-cos table (1, H*W, dim) with integer positions on both axes.
+
+    diffusers' ``PatchEmbed`` stretches non-square grids onto a square base size; this keeps
+    DiT's table for square grids and unit spacing for non-square ones.
+    """
+    h, w = grid
+    coords = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="xy")
+    return get_2d_sincos_pos_embed_from_grid(dim, torch.stack(coords), output_type="pt").float().unsqueeze(0)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -141,6 +158,8 @@ class DiTModel(ModelMixin, ConfigMixin):
         self.x_embedder = PatchEmbed(
             height, width, patch_size, in_channels, hidden_size, pos_embed_type="sincos" if use_pos_embed else None
         )
+        if use_pos_embed:
+            self.x_embedder.pos_embed = sincos_position_table(hidden_size, self.grid)
         self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.t_embedder = TimestepEmbedding(256, hidden_size)
         self.y_embedder = LabelEmbedding(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
