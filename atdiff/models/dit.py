@@ -27,6 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..nn.mixer import layer_mixers, token_mixer
+from .common import AtdiffModelMixin
 
 # Widths of the published DiT/SiT sizes, plus CPU-sized ones for Fashion-MNIST-scale work.
 DIT_SIZES: dict[str, dict[str, int]] = {
@@ -115,7 +116,7 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class DiTModel(ModelMixin, ConfigMixin):
+class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
     """Class-conditional (or unconditional, ``num_classes=0``) DiT with a switchable token mixer.
 
     ``forward(sample, timestep, class_labels)`` returns the noise/velocity prediction with
@@ -195,10 +196,6 @@ class DiTModel(ModelMixin, ConfigMixin):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    def no_weight_decay(self) -> set[str]:
-        """Names of parameters that take no weight decay (ATConv's ``difference_control``)."""
-        return {name for name, _ in self.named_parameters() if name.endswith("difference_control")}
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W)."""
