@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from . import nn
-# diffusers' pipeline loader imports the library a model class came from by its top-level name
-# (model_index.json says ["atdiff", "MixerUNet2DModel"]) and looks the class up there: export them here.
+# The public classes; pipeline folders name each model by its defining module
+# (model_index.json: "model": ["atdiff.models.dit", "DiTModel"]), so these names are for users.
 from .models import (
     DIT_SIZES,
     DiTModel,

@@ -1,0 +1,262 @@
+"""``atdiff sample``: generate images from a pipeline folder into PNGs, a grid PNG or an npz.
+
+Every image ``i`` has its own noise generator (seeded from ``--seed`` and ``i``) and its own class
+label, so it is the same image whatever the batch size or the order of the runs. That makes
+sampling resumable: PNGs are written one by one (atomically), and a rerun of the same command
+samples only the missing indices. A grid or npz is assembled from such PNGs in ``OUT.partial/``
+once all of them exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
+
+SETTINGS_FILE = "atdiff_sample.json"
+
+
+@dataclass
+class SamplingSettings:
+    """What determines the images; a folder is only ever filled with one set of these."""
+
+    pipeline: str
+    scheduler: str | None  # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the folder's own
+    steps: int
+    guidance: float
+    seed: int
+    class_labels: list[int] | None  # cycled over image indices; None: index % num_classes
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline_dir", metavar="PIPELINE_DIR", help="folder written by `atdiff train` (or save_pretrained)")
+    parser.add_argument("--num-images", type=int, required=True, help="images to generate")
+    parser.add_argument("--out", required=True, help="DIR (one PNG per image, 000000.png ...), FILE.png (a grid) or FILE.npz (uint8 NHWC in arr_0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (does not change the images)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler; default: the folder's own scheduler")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL", help="labels cycled over the images; default: image index %% num_classes")
+    parser.add_argument("--seed", type=int, default=0, help="seed; image i's noise depends only on (seed, i)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking the input
+# ------------------------------------------------------------------------------------------------
+
+
+def check_pipeline_dir(path: Path) -> None:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"{path} is not a pipeline folder (no model_index.json); pass the --output-dir of `atdiff train`")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    class_name = class_name[-1] if isinstance(class_name, list) else class_name
+    if class_name != ImageDiffusionPipeline.__name__:
+        raise UsageError(f"{path} holds a {class_name}, not an atdiff {ImageDiffusionPipeline.__name__}; pass a folder written by `atdiff train`")
+
+
+def output_kind(out: Path) -> str:
+    """``"dir"``, ``"grid"`` or ``"npz"``, from the suffix of ``--out``."""
+    suffix = out.suffix.lower()
+    if suffix in (".png", ".npz"):
+        return "grid" if suffix == ".png" else "npz"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file; pass a folder, a .png (grid) or a .npz")
+    return "dir"
+
+
+def check_positive(args: argparse.Namespace) -> None:
+    for flag in ("num_images", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+
+
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+
+
+def claim_folder(folder: Path, settings: SamplingSettings) -> None:
+    """Make ``folder`` hold images of ``settings`` only: refuse one filled with other settings or other files."""
+    record = folder / SETTINGS_FILE
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous != asdict(settings):
+            changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in asdict(settings).items() if previous.get(k) != v)
+            raise UsageError(f"{folder} holds images sampled with other settings ({changed}); use a new --out or the same settings")
+    elif folder.is_dir() and any(folder.iterdir()):
+        raise UsageError(f"{folder} is not empty and was not written by `atdiff sample`; use a new or empty --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def image_generator(seed: int, index: int) -> torch.Generator:
+    # SeedSequence mixes (seed, index) into independent streams; seed + index would make the runs of
+    # seeds 0 and 1 share all but one image.
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def image_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"
+
+
+def labels_of(indices: list[int], class_labels: list[int] | None, num_classes: int) -> list[int] | None:
+    """Class label of each image index (None for an unconditional model): ``class_labels`` cycled, else balanced."""
+    if not num_classes:
+        return None
+    return [class_labels[i % len(class_labels)] if class_labels else i % num_classes for i in indices]
+
+
+def save_png_atomically(image: np.ndarray, path: Path) -> None:
+    # A run killed mid-write must not leave a truncated PNG that a resumed run would take as done.
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def fill_folder(pipe: ImageDiffusionPipeline, folder: Path, settings: SamplingSettings, num_images: int, batch_size: int) -> tuple[int, float]:
+    """Sample the images ``0..num_images-1`` that ``folder`` lacks; return (number sampled, seconds)."""
+    missing = [i for i in range(num_images) if not image_path(folder, i).is_file()]
+    if not missing:
+        return 0, 0.0
+    num_classes = pipe.num_classes
+    start = time.perf_counter()
+    with tqdm(total=len(missing), unit="img", desc="sampling") as bar:
+        for first in range(0, len(missing), batch_size):
+            indices = missing[first : first + batch_size]
+            images = pipe(
+                batch_size=len(indices),
+                class_labels=labels_of(indices, settings.class_labels, num_classes),
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                generator=[image_generator(settings.seed, i) for i in indices],
+                output_type="np",
+            ).images
+            for i, image in zip(indices, images):
+                save_png_atomically((image * 255).round().astype(np.uint8), image_path(folder, i))
+            bar.update(len(indices))
+    return len(missing), time.perf_counter() - start
+
+
+def read_images(folder: Path, num_images: int) -> np.ndarray:
+    """uint8 (N, H, W, C) from ``000000.png ...``."""
+    images = [np.asarray(Image.open(image_path(folder, i))) for i in range(num_images)]
+    return np.stack([im[..., None] if im.ndim == 2 else im for im in images])
+
+
+def write_grid(images: np.ndarray, path: Path) -> None:
+    from torchvision.utils import make_grid
+
+    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))), padding=2)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_npz(images: np.ndarray, labels: np.ndarray | None, path: Path) -> None:
+    # The ADM evaluator's layout: uint8 NHWC in arr_0, class labels (if any) in arr_1.
+    tmp = path.with_name(path.name + ".tmp.npz")
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_pipeline(pipeline_dir: Path, scheduler: str | None, device: str) -> ImageDiffusionPipeline:
+    """The pipeline of an ``atdiff train`` folder on ``device``, with scheduler ``scheduler`` (a name
+    from ``SCHEDULER_NAMES``; None keeps the folder's own)."""
+    check_device(device)
+    check_pipeline_dir(pipeline_dir)
+    pipe = ImageDiffusionPipeline.from_pretrained(pipeline_dir)
+    if scheduler is not None:
+        try:
+            pipe.scheduler = scheduler_by_name(scheduler, pipe.scheduler.config, pipe.config.prediction_type)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return pipe.to(device)
+
+
+def sample_into_folder(
+    pipeline: ImageDiffusionPipeline | str | Path,
+    folder: Path,
+    settings: SamplingSettings,
+    num_images: int,
+    batch_size: int,
+    device: str = "cpu",
+) -> tuple[int, float]:
+    """Make ``folder`` hold images ``0..num_images-1`` of ``settings`` (only the missing ones are
+    sampled); ``pipeline`` is a loaded pipeline or a pipeline folder (loaded only if work is left).
+    Returns (number sampled, seconds)."""
+    record = folder / SETTINGS_FILE
+    if record.is_file() and json.loads(record.read_text()) == asdict(settings):
+        if all(image_path(folder, i).is_file() for i in range(num_images)):
+            return 0, 0.0
+    pipe = pipeline if isinstance(pipeline, ImageDiffusionPipeline) else load_pipeline(Path(pipeline), settings.scheduler, device)
+    try:
+        pipe.check_guidance(settings.guidance)
+        if settings.class_labels is not None:
+            pipe.check_class_labels(torch.tensor(settings.class_labels))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    claim_folder(folder, settings)
+    pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
+    return fill_folder(pipe, folder, settings, num_images, batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_positive(args)
+    check_device(args.device)
+    pipeline_dir, out = Path(args.pipeline_dir), Path(args.out)
+    check_pipeline_dir(pipeline_dir)
+    kind = output_kind(out)
+    if kind != "dir" and out.exists():
+        print(f"{out} exists; nothing to sample (delete it to sample again)")
+        return 0
+    folder = out if kind == "dir" else out.with_name(out.name + ".partial")
+
+    settings = SamplingSettings(
+        pipeline=str(pipeline_dir.resolve()),
+        scheduler=args.scheduler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        class_labels=args.class_labels,
+    )
+    pipe = load_pipeline(pipeline_dir, args.scheduler, args.device)
+    sampled, seconds = sample_into_folder(pipe, folder, settings, args.num_images, args.batch_size)
+
+    if kind != "dir":
+        images = read_images(folder, args.num_images)
+        if kind == "grid":
+            write_grid(images, out)
+        else:
+            labels = labels_of(list(range(args.num_images)), settings.class_labels, pipe.num_classes)
+            write_npz(images, None if labels is None else np.array(labels, dtype=np.int64), out)
+        shutil.rmtree(folder)
+    if sampled:
+        print(f"sampled {sampled} images in {seconds:.1f} s: {sampled / seconds:.2f} images/s -> {out}")
+    else:
+        print(f"all {args.num_images} images already in {out}; nothing to sample")
+    return 0

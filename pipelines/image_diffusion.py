@@ -1,0 +1,216 @@
+"""Unconditional and class-conditional image generation from any atdiff denoiser, in pixel or latent space."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from .schedulers import check_scheduler_fits, prediction_type_of
+
+# diffusers resolves a plain `_class_name` in model_index.json only among its own classes, so a folder
+# names its class as ["pipeline", "ImageDiffusionPipeline"] and ships this one-line module: diffusers'
+# documented way to load a pipeline class it does not define. diffusers 0.42 runs a folder's module only
+# with `trust_remote_code=True`; this one just imports atdiff, which must be installed.
+PIPELINE_MODULE = "pipeline"
+PIPELINE_MODULE_SOURCE = (
+    "# Written by atdiff: lets DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) find the\n"
+    "# pipeline class, which lives in the installed atdiff package rather than in diffusers.\n"
+    "from atdiff.pipelines import ImageDiffusionPipeline  # noqa: F401\n"
+)
+
+
+def num_classes_of(model: ModelMixin) -> int:
+    """Number of classes a denoiser is conditioned on (0: unconditional)."""
+    return getattr(model.config, "num_classes", 0) or 0
+
+
+class ImageDiffusionPipeline(DiffusionPipeline):
+    r"""Sample images from an atdiff denoiser (``DiTModel``, ``MixerUNet2DModel``, ...).
+
+    Args:
+        model: called as ``model(x, timestep, class_labels).sample`` (without labels when
+            ``model.config.num_classes`` is 0 or missing); outputs with learned-sigma channels keep
+            only the first ``in_channels`` unless the scheduler learns the variance itself.
+        scheduler: any diffusers scheduler that reads the model output the way it was trained (DDPM,
+            DDIM, DPM-Solver++, Euler, Heun, ... for DDPM-trained models; FlowMatch Euler/Heun or
+            DPM-Solver++ with flow sigmas for flow-matching ones). Swap it the usual way:
+            ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
+        vae: optional ``AutoencoderKL``; when given, the model works on its latents, which are decoded
+            with the VAE's ``scaling_factor`` (and ``shift_factor``).
+        prediction_type: what the model predicts (``epsilon``, ``v_prediction``, ``sample`` or
+            ``flow_prediction``); read from the training scheduler when not given, and stored in
+            ``model_index.json`` so it survives a scheduler swap.
+    """
+
+    model_cpu_offload_seq = "model->vae"
+    _optional_components = ["vae"]
+
+    def __init__(
+        self,
+        model: ModelMixin,
+        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None = None,
+        prediction_type: str | None = None,
+    ):
+        super().__init__()
+        self.register_modules(model=model, scheduler=scheduler, vae=vae)
+        self.register_to_config(prediction_type=prediction_type or prediction_type_of(scheduler))
+        # Outputs live in [-1, 1]; the processor maps them to [0, 1] and to pil/np/pt.
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    # -------------------------------------------------------------------------------------------
+    # Saving and loading
+    # -------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """``DiffusionPipeline.save_pretrained``, plus what lets ``DiffusionPipeline.from_pretrained`` find this class."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ImageDiffusionPipeline":
+        """``DiffusionPipeline.from_pretrained``; a local folder whose ``pipeline.py`` is the one atdiff writes
+        loads without ``trust_remote_code``, since running it only imports this class."""
+        module = Path(pretrained_model_name_or_path) / f"{PIPELINE_MODULE}.py"
+        if module.is_file() and module.read_text() == PIPELINE_MODULE_SOURCE:
+            kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # -------------------------------------------------------------------------------------------
+    # Sampling
+    # -------------------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes_of(self.model)
+
+    def check_class_labels(self, class_labels: torch.Tensor) -> None:
+        if not self.num_classes:
+            raise ValueError("this model is unconditional: pass no class_labels")
+        bad = class_labels[(class_labels < 0) | (class_labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"class label {bad[0].item()} is out of range: this model has classes 0..{self.num_classes - 1}")
+
+    def check_guidance(self, guidance_scale: float) -> None:
+        if guidance_scale == 1.0:
+            return
+        if not self.num_classes:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional model; this one is unconditional (use 1.0)")
+        # DiT's null-label embedding exists only when labels were dropped during training.
+        if getattr(self.model.config, "class_dropout_prob", None) == 0:
+            raise ValueError("this model was trained without label dropout, so it has no null label to guide with; use guidance_scale=1.0")
+
+    def prepare_class_labels(
+        self, class_labels: int | list[int] | torch.Tensor | None, batch_size: int, generator
+    ) -> torch.Tensor | None:
+        """Labels as a (batch,) tensor (a single label is repeated); for a class-conditional model without
+        labels, drawn uniformly with ``generator`` (with each image's own for a list of generators)."""
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).expand(batch_size)
+            self.check_class_labels(labels)
+        elif self.num_classes:
+            generators = generator if isinstance(generator, list) else [generator] * batch_size
+            devices = [None if g is None else g.device for g in generators]
+            labels = torch.cat([torch.randint(self.num_classes, (1,), generator=g, device=d) for g, d in zip(generators, devices)])
+        else:
+            return None
+        return labels.to(self._execution_device)
+
+    def predict(
+        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
+    ) -> torch.Tensor:
+        """Model output for the scheduler, guided on all channels when ``guidance_scale != 1``."""
+        channels = x.shape[1]
+        t = t.expand(x.shape[0])
+        if labels is None:
+            out = self.model(x, t).sample
+        elif guidance_scale == 1.0:
+            out = self.model(x, t, labels).sample
+        else:
+            null = torch.full_like(labels, self.num_classes)
+            out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).sample
+            cond, uncond = out.chunk(2)
+            guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+            out = torch.cat([guided, cond[:, channels:]], dim=1)
+        # Learned-sigma channels follow the prediction; only a scheduler with learned variance reads them.
+        if self.scheduler.config.get("variance_type") in ("learned", "learned_range"):
+            return out
+        return out[:, :channels]
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampler output -> image in [-1, 1]: VAE-decoded when the model works on latents."""
+        if self.vae is None:
+            return x
+        latents = x / self.vae.config.scaling_factor + (self.vae.config.get("shift_factor") or 0.0)
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            batch_size: number of images; a list or tensor of ``class_labels`` sets it instead.
+            class_labels: one label for all images, one per image, or None (class-conditional models then
+                draw labels uniformly with ``generator``).
+            num_inference_steps: sampler steps (Heun-type samplers call the model about twice per step).
+            guidance_scale: classifier-free guidance ``uncond + g * (cond - uncond)`` with the null label
+                ``model.config.num_classes``; 1 disables it (one model call per step).
+            generator: a ``torch.Generator``, or one per image so each image depends only on its own.
+            output_type: ``"pil"``, ``"np"`` (float NHWC in [0, 1]), ``"pt"`` (float NCHW in [0, 1]) or
+                ``"latent"`` (the sampler's final output, before any VAE decoding, as a tensor).
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if class_labels is not None and torch.as_tensor(class_labels).dim() > 0:
+            batch_size = torch.as_tensor(class_labels).numel()
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
+        check_scheduler_fits(self.scheduler, self.config.prediction_type)
+        self.check_guidance(guidance_scale)
+        labels = self.prepare_class_labels(class_labels, batch_size, generator)
+
+        config = self.model.config
+        size = config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        device, dtype = self._execution_device, self.model.dtype
+        x = randn_tensor((batch_size, config.in_channels, height, width), generator=generator, device=device, dtype=dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # Flow schedulers start from x_1 = noise and define no init_noise_sigma.
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        # Stochastic samplers (DDPM, ancestral) draw their per-step noise from the same generator(s).
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
+            model_output = self.predict(x_in, t, labels, guidance_scale)
+            x = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+
+        if output_type == "latent":
+            images = x
+        else:
+            images = self.image_processor.postprocess(self.decode(x).float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

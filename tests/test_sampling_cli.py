@@ -1,0 +1,189 @@
+"""`atdiff sample`: PNG folder, grid and npz outputs, resumable filling, and its error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+from atdiff import DiTModel
+from atdiff.cli import main
+from atdiff.pipelines import ImageDiffusionPipeline
+from test_pipelines import tiny_dit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddpm")
+    ImageDiffusionPipeline(model=tiny_dit(), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flow_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flow")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    ImageDiffusionPipeline(model=tiny_dit(num_classes=0), scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def sample(pipeline_dir, out, *flags: str) -> int:
+    return main(["sample", str(pipeline_dir), "--out", str(out), "--steps", "3", "--device", "cpu", *flags])
+
+
+def read_pngs(folder, count: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(count)])
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    """What `atdiff train` writes for a two-step run of a tiny class-conditional flow-matching DiT."""
+    folder = tmp_path_factory.mktemp("trained")
+    tiny = ["model.size=null", "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=4"]
+    quick = ["training.num_sample_images=4", "training.log_with=none", "sampling.num_inference_steps=2"]
+    config = REPO / "configs" / "fashion-mnist-dit-t4-atconv.yaml"
+    argv = ["train", "--config", str(config), "--output-dir", str(folder), "--max-steps", "2", "--batch-size", "4"]
+    assert main([*argv, *tiny, *quick]) == 0
+    return folder
+
+
+def test_freshly_trained_folder_loads_and_samples(trained_dir, tmp_path):
+    pipe = DiffusionPipeline.from_pretrained(trained_dir, trust_remote_code=True)
+    assert type(pipe) is ImageDiffusionPipeline and isinstance(pipe.model, DiTModel)
+    assert pipe.config.prediction_type == "flow_prediction" and pipe.num_classes == 10
+    assert sample(trained_dir, tmp_path / "s.npz", "--num-images", "3", "--scheduler", "heun", "--guidance", "2") == 0
+    with np.load(tmp_path / "s.npz") as data:
+        assert data["arr_0"].shape == (3, 32, 32, 1) and data["arr_1"].tolist() == [0, 1, 2]
+
+
+def test_png_folder_is_filled_resumably(ddpm_dir, tmp_path, capsys):
+    out = tmp_path / "pngs"
+    assert sample(ddpm_dir, out, "--num-images", "5", "--batch-size", "2", "--scheduler", "ddpm") == 0
+    assert "sampled 5 images" in capsys.readouterr().out
+    one_shot = read_pngs(out, 5)
+    assert one_shot.shape == (5, 8, 8) and one_shot.std() > 0
+
+    # An interrupted run: two images missing, one half-written temporary file.
+    (out / "000001.png").unlink()
+    (out / "000003.png").unlink()
+    (out / "000003.png.tmp").write_bytes(b"\x89PNG trunc")
+    capsys.readouterr()
+    assert sample(ddpm_dir, out, "--num-images", "5", "--batch-size", "4", "--scheduler", "ddpm") == 0
+    assert "sampled 2 images" in capsys.readouterr().out
+    # Same images whatever the batching (up to float rounding between batch sizes).
+    assert np.abs(read_pngs(out, 5).astype(int) - one_shot).max() <= 1
+
+    assert sample(ddpm_dir, out, "--num-images", "5", "--scheduler", "ddpm") == 0
+    assert "nothing to sample" in capsys.readouterr().out
+    assert sample(ddpm_dir, out, "--num-images", "7", "--scheduler", "ddpm") == 0  # more images: adds 2
+    assert "sampled 2 images" in capsys.readouterr().out
+
+
+def test_sampling_prints_images_per_second(ddpm_dir, tmp_path, capsys):
+    assert sample(ddpm_dir, tmp_path / "pngs", "--num-images", "2") == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("sampled 2 images in")
+
+
+def test_grid_png(ddpm_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    assert sample(ddpm_dir, out, "--num-images", "5", "--guidance", "2") == 0
+    grid = Image.open(out)
+    # 5 images of 8x8 in 3 columns x 2 rows with 2-pixel padding.
+    assert grid.size == (3 * 10 + 2, 2 * 10 + 2)
+    assert not (tmp_path / "grid.png.partial").exists()
+
+
+def test_npz_matches_png_folder_with_labels(ddpm_dir, tmp_path):
+    flags = ("--num-images", "4", "--class-labels", "2", "0", "--seed", "7")
+    assert sample(ddpm_dir, tmp_path / "a.npz", *flags) == 0
+    assert sample(ddpm_dir, tmp_path / "pngs", *flags) == 0
+    with np.load(tmp_path / "a.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 1)
+    assert labels.tolist() == [2, 0, 2, 0]
+    np.testing.assert_array_equal(images[..., 0], read_pngs(tmp_path / "pngs", 4))
+
+
+def test_unconditional_flow_model_npz_has_no_labels(flow_dir, tmp_path):
+    for scheduler in ("euler", "heun", "dpm++"):
+        out = tmp_path / f"{scheduler}.npz"
+        assert sample(flow_dir, out, "--num-images", "2", "--scheduler", scheduler) == 0
+        with np.load(out) as data:
+            assert list(data) == ["arr_0"] and data["arr_0"].shape == (2, 8, 8, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: a message naming the fix, exit status 2, no traceback, nothing written
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_scheduler(ddpm_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample(ddpm_dir, tmp_path / "x", "--num-images", "1", "--scheduler", "lms")
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'lms'" in error_of(capsys)
+
+
+def test_unfitting_scheduler(flow_dir, tmp_path, capsys):
+    assert sample(flow_dir, tmp_path / "x", "--num-images", "1", "--scheduler", "ddim") == 2
+    assert "scheduler 'ddim' does not fit a flow-matching model; use one of ['euler', 'heun', 'dpm++']" in error_of(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_class_label_out_of_range(ddpm_dir, tmp_path, capsys):
+    assert sample(ddpm_dir, tmp_path / "x", "--num-images", "1", "--class-labels", "1", "3") == 2
+    assert "class label 3 is out of range: this model has classes 0..2" in error_of(capsys)
+
+
+def test_guidance_or_labels_on_unconditional_model(flow_dir, tmp_path, capsys):
+    assert sample(flow_dir, tmp_path / "x", "--num-images", "1", "--guidance", "3") == 2
+    assert "needs a class-conditional model" in error_of(capsys)
+    assert sample(flow_dir, tmp_path / "x", "--num-images", "1", "--class-labels", "0") == 2
+    assert "unconditional: pass no class_labels" in error_of(capsys)
+
+
+def test_not_a_pipeline_folder(tmp_path, capsys):
+    assert sample(tmp_path, tmp_path / "x", "--num-images", "1") == 2
+    assert "is not a pipeline folder (no model_index.json)" in error_of(capsys)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    assert sample(tmp_path, tmp_path / "x", "--num-images", "1") == 2
+    assert "holds a DDPMPipeline, not an atdiff ImageDiffusionPipeline" in error_of(capsys)
+
+
+def test_existing_outputs_are_never_overwritten(ddpm_dir, tmp_path, capsys):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "000000.png").write_bytes(b"mine")
+    assert sample(ddpm_dir, foreign, "--num-images", "1") == 2
+    assert "not written by `atdiff sample`" in error_of(capsys)
+    assert (foreign / "000000.png").read_bytes() == b"mine"
+
+    out = tmp_path / "pngs"
+    assert sample(ddpm_dir, out, "--num-images", "1", "--seed", "1") == 0
+    assert sample(ddpm_dir, out, "--num-images", "2", "--seed", "2") == 2
+    assert "other settings (seed: 1 -> 2)" in error_of(capsys)
+    assert not (out / "000001.png").exists()
+
+
+def test_bad_counts_and_device(ddpm_dir, tmp_path, capsys):
+    assert sample(ddpm_dir, tmp_path / "x", "--num-images", "0") == 2
+    assert "--num-images must be at least 1" in error_of(capsys)
+    assert sample(ddpm_dir, tmp_path / "x", "--num-images", "1", "--device", "gpu0") == 2
+    assert "--device 'gpu0' is not a torch device" in error_of(capsys)
