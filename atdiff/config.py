@@ -1,0 +1,343 @@
+"""Experiment configs: dataclasses read from YAML, ``section.key=value`` overrides, validation, ``build_model``.
+
+A config has the sections ``model``, ``objective``, ``data``, ``training`` and optionally
+``sampling``. Every key is checked before any work starts: an unknown key or a bad value raises
+``UsageError`` naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from accelerate.utils import LoggerType
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.optimization import SchedulerType
+
+from .data import DataConfig
+from .errors import UsageError
+from .objectives import ObjectiveConfig
+
+MODEL_TYPES = ("dit", "unet")
+# Trackers Accelerate can log to, plus "none".
+TRACKERS = tuple(t.value for t in LoggerType if t.value != "all") + ("none",)
+LR_SCHEDULES = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
+
+
+@dataclass
+class ModelConfig:
+    """``type`` picks the class (``dit``: ``atdiff.DiTModel``, ``unet``: ``atdiff.MixerUNet2DModel``);
+    every other key is a keyword argument of that class. ``size: "T/4"`` expands via ``atdiff.dit_size``
+    (keys given explicitly win)."""
+
+    type: Literal["dit", "unet"] = "dit"
+    size: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_class(self) -> type[ModelMixin]:
+        from .models import DiTModel, MixerUNet2DModel
+
+        return {"dit": DiTModel, "unet": MixerUNet2DModel}[self.type]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model_class``: the size's widths, then the explicit keys."""
+        from .models import dit_size
+
+        return {**(dit_size(self.size) if self.size else {}), **self.kwargs}
+
+    def resolved(self) -> dict[str, Any]:
+        """Every argument the model will be built with, defaults included."""
+        defaults = {
+            name: p.default
+            for name, p in init_parameters(self.model_class).items()
+            if p.default is not inspect.Parameter.empty
+        }
+        return {**defaults, **self.model_kwargs()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, **({"size": self.size} if self.size else {}), **self.kwargs}
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str | None = None  # default: outputs/<config file name>
+    seed: int = 0
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # images per optimizer step, over all processes and accumulation steps
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"  # a diffusers.optimization schedule
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0  # ATConv's difference_control never takes any
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float | None = 1.0  # null: no clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # EMA decay warms up as 1 - (1 + step)^-ema_power up to ema_decay (diffusers' EMAModel): 3/4
+    # suits runs under ~100k steps, 2/3 million-step runs.
+    ema_decay: float = 0.9999
+    ema_power: float = 0.75
+    sample_every: int = 0  # steps between EMA sample grids (0: only at the end)
+    num_sample_images: int = 64
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on Ctrl-C)
+    checkpoints_total_limit: int | None = 2  # keep the newest K checkpoints (null: all)
+    log_every: int = 10  # steps between tracker logs
+    log_with: str = "tensorboard"  # an Accelerate tracker, or "none"
+    # Time data/forward/backward/optimizer separately. Free on the CPU (always on there); on CUDA it
+    # synchronises the device at each phase, which slows training a little.
+    profile: bool = False
+
+
+@dataclass
+class SamplingConfig:
+    """How the EMA sample grids drawn during training are sampled."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.0
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["model"] = self.model.to_dict()
+        return out
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply ``section.key=value`` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config: no such file {str(path)!r}; the configs/ folder holds examples")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+    for override in overrides:
+        apply_override(raw, override)
+    cfg = config_from_dict(raw)
+    if cfg.training.output_dir is None:
+        cfg.training.output_dir = str(Path("outputs") / path.stem)
+    return cfg
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set ``a.b=value`` in a nested dict; the value is parsed as YAML (``3``, ``1e-4``, ``true``, ``null``)."""
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise UsageError(f"override {override!r}: write SECTION.KEY=VALUE, e.g. training.max_steps=100 (sections: {list(SECTIONS)})")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    unknown = [name for name in raw if name not in SECTIONS]
+    if unknown:
+        raise UsageError(f"unknown section {unknown[0]!r}; a config has the sections {list(SECTIONS)}")
+    model = model_config_from_dict(raw.get("model") or {})
+    cfg = ExperimentConfig(
+        model=model,
+        objective=section_from_dict(ObjectiveConfig, raw.get("objective") or {}, "objective"),
+        data=section_from_dict(DataConfig, raw.get("data") or {}, "data"),
+        training=section_from_dict(TrainingConfig, raw.get("training") or {}, "training"),
+        sampling=section_from_dict(SamplingConfig, raw.get("sampling") or {}, "sampling"),
+    )
+    check_values(cfg)
+    return cfg
+
+
+def section_from_dict(cls: type, values: Mapping[str, Any], section: str):
+    if not isinstance(values, Mapping):
+        raise UsageError(f"{section}: expected a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    checked = {}
+    for key, value in values.items():
+        if key not in names:
+            raise UsageError(f"unknown key {section}.{key}{did_you_mean(key, names)}; {section} takes {names}")
+        checked[key] = checked_value(f"{section}.{key}", value, hints[key])
+    return cls(**checked)
+
+
+def checked_value(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` if it fits ``annotation`` (ints widen to float), else a UsageError naming ``key``.
+    Annotations other than None/bool/int/float/str/Literal and unions of them are not checked."""
+    options = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    choices = []
+    for option in options:
+        if option is type(None) and value is None:
+            return value
+        if get_origin(option) is Literal:
+            choices += get_args(option)
+            if value in get_args(option):
+                return value
+        elif option is bool and isinstance(value, bool):
+            return value
+        elif option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif option is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif option is str and isinstance(value, str):
+            return value
+        elif option not in (type(None), bool, int, float, str):
+            return value
+    if choices and all(o is type(None) or get_origin(o) is Literal for o in options):
+        allowed = list(choices) + ([None] if type(None) in options else [])
+        raise UsageError(f"{key}: {value!r} is not one of {allowed}")
+    expected = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+    raise UsageError(f"{key}: expected {expected}, got {value!r}")
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    if not isinstance(values, Mapping):
+        raise UsageError(f"model: expected a mapping of keys, got {values!r}")
+    values = dict(values)
+    model_type = values.pop("type", "dit")
+    if model_type not in MODEL_TYPES:
+        raise UsageError(f"model.type: {model_type!r} is not one of {list(MODEL_TYPES)}")
+    size = values.pop("size", None)
+    cfg = ModelConfig(type=model_type, size=size, kwargs=values)
+    if size is not None:
+        if model_type != "dit":
+            raise UsageError(f"model.size applies to model.type dit only; give the {model_type} widths as its own keys")
+        try:
+            cfg.model_kwargs()
+        except ValueError as err:
+            raise UsageError(f"model.size: {err}") from err
+    parameters = init_parameters(cfg.model_class)
+    hints = init_type_hints(cfg.model_class)
+    for key, value in values.items():
+        if key not in parameters:
+            raise UsageError(
+                f"unknown key model.{key}{did_you_mean(key, parameters)} for {cfg.model_class.__name__}; "
+                f"it takes {sorted(parameters)}"
+            )
+        if key in hints:
+            values[key] = checked_value(f"model.{key}", value, hints[key])
+    if "token_mixer" in values:
+        from .nn.mixer import TOKEN_MIXERS
+
+        if values["token_mixer"] not in TOKEN_MIXERS:
+            raise UsageError(f"model.token_mixer: {values['token_mixer']!r} is not one of {list(TOKEN_MIXERS)}")
+    return cfg
+
+
+def did_you_mean(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named keyword arguments of a model class (its config keys)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        name: p
+        for name, p in params.items()
+        if name != "self" and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+def init_type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve at runtime: leave value checks to the class
+        return {}
+
+
+def check_values(cfg: ExperimentConfig) -> None:
+    """Checks across keys and ranges that types alone do not express."""
+    t, d = cfg.training, cfg.data
+    positive = {
+        "training.max_steps": t.max_steps,
+        "training.batch_size": t.batch_size,
+        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "training.num_sample_images": t.num_sample_images,
+        "training.log_every": t.log_every,
+        "data.resolution": d.resolution,
+        "objective.num_train_timesteps": cfg.objective.num_train_timesteps,
+        "sampling.num_inference_steps": cfg.sampling.num_inference_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UsageError(f"{key} must be positive, got {value}")
+    for key, value in {"training.sample_every": t.sample_every, "training.checkpoint_every": t.checkpoint_every,
+                       "training.lr_warmup_steps": t.lr_warmup_steps, "data.num_workers": d.num_workers}.items():
+        if value < 0:
+            raise UsageError(f"{key} must be 0 or more, got {value}")
+    if t.checkpoints_total_limit is not None and t.checkpoints_total_limit < 1:
+        raise UsageError(f"training.checkpoints_total_limit must be 1 or more (or null: keep all), got {t.checkpoints_total_limit}")
+    if t.batch_size % t.gradient_accumulation_steps:
+        raise UsageError(
+            f"training.batch_size ({t.batch_size}) must be a multiple of training.gradient_accumulation_steps "
+            f"({t.gradient_accumulation_steps})"
+        )
+    if not 0 <= t.ema_decay <= 1:
+        raise UsageError(f"training.ema_decay must be in [0, 1], got {t.ema_decay}")
+    if t.lr_scheduler not in LR_SCHEDULES:
+        raise UsageError(f"training.lr_scheduler: {t.lr_scheduler!r} is not one of {list(LR_SCHEDULES)}")
+    if t.log_with not in TRACKERS:
+        raise UsageError(f"training.log_with: {t.log_with!r} is not one of {list(TRACKERS)}")
+    if d.channels not in (None, 1, 3):
+        raise UsageError(f"data.channels must be 1, 3 or null (the dataset's own), got {d.channels}")
+    if d.dataset == "imagefolder" and not d.root:
+        raise UsageError("data.root: imagefolder needs the folder that holds one subfolder of images per class")
+
+    model = cfg.model.resolved()
+    if model.get("in_channels") != d.num_channels:
+        raise UsageError(
+            f"model.in_channels is {model.get('in_channels')} but data gives {d.num_channels}-channel images; "
+            f"set model.in_channels={d.num_channels} (or data.channels)"
+        )
+    guidance = cfg.sampling.guidance_scale
+    if guidance != 1 and not (model.get("num_classes") and model.get("class_dropout_prob")):
+        raise UsageError(
+            f"sampling.guidance_scale={guidance} needs a class-conditional model trained with label dropout "
+            f"(model.num_classes > 0 and model.class_dropout_prob > 0); use 1.0"
+        )
+    size = model.get("sample_size")
+    if size is not None and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
+        raise UsageError(f"model.sample_size is {size} but data.resolution is {d.resolution}; make them equal")
+
+
+def build_model(model_cfg: ModelConfig) -> ModelMixin:
+    """The model a ``model`` section describes, freshly initialised."""
+    try:
+        return model_cfg.model_class(**model_cfg.model_kwargs())
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"model: {err}") from err

@@ -1,0 +1,227 @@
+"""Image datasets for training and FID: Fashion-MNIST (IDX files), MNIST, CIFAR-10, any ImageFolder.
+
+Every dataset yields ``(image, label)``: a float tensor in [-1, 1] of shape (C, R, R) and an int
+class label. Images are deterministic functions of their index; the random flip is a batch op
+(``random_flip``) that the training loop applies, so its randomness comes from the RNG the loop
+checkpoints and a resumed run sees the same flips as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from accelerate import skip_first_batches
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .errors import UsageError
+
+DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "imagefolder"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+ResizeMode = Literal["pad", "center_crop"]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
+DOWNLOAD_DIR = "~/.cache/atdiff/datasets"  # where torchvision datasets are downloaded and cached
+NATURAL_CHANNELS = {"fashion-mnist": 1, "mnist": 1, "cifar10": 3, "imagefolder": 3}
+
+
+@dataclass
+class DataConfig:
+    """Which images, at what size. ``DataConfig(dataset=..., split=..., resolution=...)`` is enough."""
+
+    dataset: DatasetName = "fashion-mnist"
+    split: Literal["train", "test"] = "train"
+    resolution: int = 32
+    root: str | None = None  # default: FASHION_MNIST_DIR, DOWNLOAD_DIR; required for imagefolder
+    channels: int | None = None  # 1 or 3; default: the dataset's own (1 for the MNISTs, 3 otherwise)
+    # pad: keep the pixels, zero-pad (or center-crop) to the resolution (28 -> 32 for the MNISTs);
+    # center_crop: scale the short side to the resolution, then center-crop (ADM/DiT).
+    resize_mode: ResizeMode = "pad"
+    random_flip: bool = False  # horizontal; applied to batches by the training loop
+    num_workers: int = 0  # in-memory datasets need none; ImageFolder decodes files and wants some
+
+    @property
+    def num_channels(self) -> int:
+        return self.channels or NATURAL_CHANNELS[self.dataset]
+
+
+# ------------------------------------------------------------------------------------------------
+# Datasets
+# ------------------------------------------------------------------------------------------------
+
+
+class ImageTensorDataset(Dataset):
+    """Images already at their final size, held in memory as uint8 (N, C, R, R)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        self.images, self.labels, self.classes = images, labels.long(), list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return to_unit_range(self.images[index]), int(self.labels[index])
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """The dataset ``cfg`` names, preprocessed to (C, R, R) in [-1, 1]; ``.classes`` lists its labels."""
+    if cfg.dataset not in DATASETS:
+        raise UsageError(f"data.dataset: unknown dataset {cfg.dataset!r}; choose one of {list(DATASETS)}")
+    if cfg.dataset == "imagefolder":
+        return image_folder(cfg)
+    images, labels, classes = {"fashion-mnist": fashion_mnist, "mnist": mnist, "cifar10": cifar10}[cfg.dataset](cfg)
+    return ImageTensorDataset(fit_image(images, cfg), labels, classes)
+
+
+def fit_image(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 (..., C, H, W) -> (..., cfg.num_channels, R, R), per ``cfg.resize_mode``."""
+    if images.shape[-3] == 1 and cfg.num_channels == 3:
+        images = TF.grayscale_to_rgb(images)
+    elif images.shape[-3] == 3 and cfg.num_channels == 1:
+        images = TF.rgb_to_grayscale(images)
+    if cfg.resize_mode == "center_crop":
+        images = TF.resize(images, cfg.resolution, antialias=True)
+    return TF.center_crop(images, [cfg.resolution, cfg.resolution])  # zero-pads what is smaller
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+def random_flip(images: torch.Tensor) -> torch.Tensor:
+    """Mirror a random half of a batch (B, C, H, W) horizontally; draws from the device's global RNG."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+# ------------------------------------------------------------------------------------------------
+
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def fashion_mnist(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    root = Path(cfg.root or FASHION_MNIST_DIR).expanduser()
+    prefix = "train" if cfg.split == "train" else "t10k"
+    images = read_idx(find_idx(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    return images.unsqueeze(1), labels, FASHION_MNIST_CLASSES
+
+
+def find_idx(root: Path, name: str) -> Path:
+    for path in (root / f"{name}.gz", root / name):
+        if path.is_file():
+            return path
+    raise UsageError(
+        f"Fashion-MNIST not found: {root} has no {name}.gz (or {name}). Install it with "
+        f"`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts the four IDX files in "
+        f"{FASHION_MNIST_DIR}) or set data.root to a folder holding the four IDX files."
+    )
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """A uint8 IDX file (the MNIST format), gzipped or not. Our own reader because torchvision's
+    (``read_sn3_pascalvincent_tensor``) only opens uncompressed files, and Debian ships them gzipped."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+        data = file.read()
+    dtype_code, ndim = data[2], data[3]
+    if data[:2] != b"\x00\x00" or dtype_code != 0x08:
+        raise UsageError(f"{path} is not a uint8 IDX file")
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(shape)
+
+
+def mnist(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from torchvision.datasets import MNIST
+
+    ds = torchvision_dataset(MNIST, cfg)
+    return ds.data.unsqueeze(1), ds.targets, ds.classes
+
+
+def cifar10(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from torchvision.datasets import CIFAR10
+
+    ds = torchvision_dataset(CIFAR10, cfg)
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+
+
+def torchvision_dataset(cls: type, cfg: DataConfig):
+    root = Path(cfg.root or DOWNLOAD_DIR).expanduser()
+    try:  # download=True only downloads what root does not already hold
+        return cls(str(root), train=cfg.split == "train", download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision wraps failed mirrors in RuntimeError
+        raise UsageError(
+            f"{cfg.dataset} is not in {root} and downloading it failed ({type(err).__name__}: {err}). "
+            f"Run once with internet access (torchvision caches it there), or copy torchvision's "
+            f"{cls.__name__} folder from a machine that has it and set data.root to its parent."
+        ) from err
+
+
+def image_folder(cfg: DataConfig) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    if cfg.root is None or not Path(cfg.root).expanduser().is_dir():
+        raise UsageError(
+            f"data.root: imagefolder needs a folder with one subfolder of images per class, got {cfg.root!r}"
+        )
+    mode = "L" if cfg.num_channels == 1 else "RGB"
+
+    def transform(image):
+        return to_unit_range(fit_image(TF.pil_to_tensor(image.convert(mode)), cfg))
+
+    try:
+        return ImageFolder(str(Path(cfg.root).expanduser()), transform=transform)
+    except FileNotFoundError as err:
+        raise UsageError(f"data.root: {err}") from err
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches for training
+# ------------------------------------------------------------------------------------------------
+
+
+def batch_stream(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    start: int = 0,
+    num_workers: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless shuffled batches for process ``rank`` of ``num_replicas``, from batch number ``start``.
+
+    The order is a pure function of (seed, epoch), as with DiT's DistributedSampler, so a resumed
+    run starts at any batch without replaying the ones before, and loading never draws from the
+    global RNG that the training loop checkpoints (the loader has its own generator).
+    """
+    sampler = DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if len(loader) == 0:
+        raise UsageError(
+            f"the dataset has {len(dataset)} images, too few for one batch of {batch_size} on each of "
+            f"{num_replicas} processes; lower training.batch_size"
+        )
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        sampler.set_epoch(epoch)
+        yield from skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0

@@ -1,0 +1,104 @@
+"""Training objectives, kept apart from the network and the loop.
+
+An objective turns (model, clean images, labels) into a scalar loss and makes the diffusers
+scheduler that samples from what it trained. The model is called as
+``model(x_t, timestep, class_labels).sample``; learned-sigma models append variance channels,
+which these objectives leave untrained (as SiT does): only the first ``C`` output channels enter
+the loss, and the schedulers use fixed variances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+ObjectiveName = Literal["flow_matching", "ddpm"]
+OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
+
+
+@dataclass
+class ObjectiveConfig:
+    type: ObjectiveName = "flow_matching"
+    num_train_timesteps: int = 1000
+    # flow_matching: how sigma is drawn; "uniform" is SiT's, "logit_normal" SD3's
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    # ddpm only
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+
+
+def build_objective(cfg: ObjectiveConfig) -> DDPMObjective | FlowMatchingObjective:
+    if cfg.type == "ddpm":
+        return DDPMObjective(cfg.prediction_type, cfg.num_train_timesteps, cfg.beta_schedule)
+    if cfg.type == "flow_matching":
+        return FlowMatchingObjective(cfg.num_train_timesteps, cfg.timestep_sampling)
+    raise ValueError(f"objective.type must be one of {list(OBJECTIVES)}, got {cfg.type!r}")
+
+
+def mean_prediction(model, x_t: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    """The model output without any learned-sigma channels."""
+    return model(x_t, timestep, class_labels).sample[:, : x_t.shape[1]]
+
+
+class DDPMObjective:
+    """Denoising diffusion (Ho et al. 2020) predicting the noise (epsilon) or v (Salimans & Ho 2022)."""
+
+    def __init__(
+        self,
+        prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+    ):
+        # The scheduler's noise table defines the forward process; sampling uses a fresh copy.
+        self.noise_scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type
+        )
+        self.prediction_type = prediction_type
+
+    def make_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler.from_config(self.noise_scheduler.config)
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
+
+
+class FlowMatchingObjective:
+    """Flow matching with the linear interpolant and velocity prediction (SiT, Ma et al. 2024).
+
+    In diffusers' convention, so ``FlowMatchEulerDiscreteScheduler`` samples from it unchanged:
+    ``x_t = (1 - sigma) * x0 + sigma * noise``, target velocity ``noise - x0``, model timestep
+    ``sigma * num_train_timesteps``. SiT writes the same path with time reversed (t = 1 - sigma).
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"):
+        self.num_train_timesteps = num_train_timesteps
+        self.timestep_sampling = timestep_sampling
+
+    def make_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        noise = torch.randn_like(x0)
+        sigma = compute_density_for_timestep_sampling(
+            "logit_normal" if self.timestep_sampling == "logit_normal" else "none",
+            x0.shape[0],
+            logit_mean=0.0,
+            logit_std=1.0,
+            device=x0.device,
+        )
+        s = sigma.view(-1, *[1] * (x0.dim() - 1))
+        x_t = (1 - s) * x0 + s * noise
+        prediction = mean_prediction(model, x_t, sigma * self.num_train_timesteps, class_labels)
+        return F.mse_loss(prediction.float(), (noise - x0).float())

@@ -1,0 +1,163 @@
+"""Experiment configs: YAML loading, dotted overrides, errors that name the key, the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atdiff import DiTModel, MixerUNet2DModel
+from atdiff.cli import main
+from atdiff.config import ExperimentConfig, build_model, config_from_dict, load_config
+from atdiff.errors import UsageError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MINIMAL = {
+    "model": {"type": "dit", "size": "XS/4", "sample_size": 32, "in_channels": 1, "num_classes": 10, "learn_sigma": False},
+    "data": {"dataset": "fashion-mnist"},
+}
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def error(raw: dict) -> str:
+    with pytest.raises(UsageError) as info:
+        config_from_dict(raw)
+    return str(info.value)
+
+
+def test_loads_with_defaults_and_output_dir_from_file_name(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.training.output_dir == str(Path("outputs") / "run")
+    assert cfg.objective.type == "flow_matching" and cfg.data.resolution == 32
+    assert cfg.model.model_kwargs() == {"hidden_size": 96, "depth": 4, "num_heads": 3, "patch_size": 4, **{k: v for k, v in MINIMAL["model"].items() if k not in ("type", "size")}}
+
+
+def test_dotted_overrides_parse_values_as_yaml(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["training.max_steps=7", "training.learning_rate=3e-4", "training.max_grad_norm=null",
+         "model.token_mixer=hybrid", "model.depth=2", "data.random_flip=true"],
+    )
+    assert cfg.training.max_steps == 7 and cfg.training.learning_rate == 3e-4 and cfg.training.max_grad_norm is None
+    assert cfg.model.kwargs["token_mixer"] == "hybrid" and cfg.model.model_kwargs()["depth"] == 2  # explicit beats size
+    assert cfg.data.random_flip is True
+
+
+def test_round_trip_through_to_dict():
+    cfg = config_from_dict(MINIMAL)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "raw, needles",
+    [
+        ({**MINIMAL, "training": {"max_stepz": 3}}, ["training.max_stepz", "max_steps"]),
+        ({**MINIMAL, "trainer": {}}, ["'trainer'", "training"]),
+        ({**MINIMAL, "training": {"mixed_precision": "fp8"}}, ["training.mixed_precision", "'bf16'"]),
+        ({**MINIMAL, "training": {"max_steps": "many"}}, ["training.max_steps", "int"]),
+        ({**MINIMAL, "training": {"max_steps": 0}}, ["training.max_steps", "positive"]),
+        ({**MINIMAL, "training": {"lr_scheduler": "cosine_annealing"}}, ["training.lr_scheduler", "cosine"]),
+        ({**MINIMAL, "training": {"log_with": "tensorbored"}}, ["training.log_with", "tensorboard"]),
+        ({**MINIMAL, "training": {"batch_size": 10, "gradient_accumulation_steps": 4}}, ["training.batch_size", "gradient_accumulation_steps"]),
+        ({**MINIMAL, "objective": {"type": "edm"}}, ["objective.type", "flow_matching", "ddpm"]),
+        ({**MINIMAL, "objective": {"prediction_type": "x0"}}, ["objective.prediction_type", "v_prediction"]),
+        ({**MINIMAL, "data": {"dataset": "imagenet"}}, ["data.dataset", "cifar10", "imagefolder"]),
+        ({**MINIMAL, "data": {"dataset": "imagefolder"}}, ["data.root"]),
+        ({**MINIMAL, "data": {"channels": 2}}, ["data.channels"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "type": "vit"}}, ["model.type", "unet"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "hiden_size": 8}}, ["model.hiden_size", "hidden_size"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "token_mixer": "mamba"}}, ["model.token_mixer", "atconv"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "size": "Q/4"}}, ["model.size", "T"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "in_channels": 3}}, ["model.in_channels", "1"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "sample_size": 28}}, ["model.sample_size", "data.resolution"]),
+        ({**MINIMAL, "model": {**MINIMAL["model"], "class_dropout_prob": 0}, "sampling": {"guidance_scale": 4}}, ["sampling.guidance_scale", "class_dropout_prob"]),
+    ],
+)
+def test_bad_config_names_the_key(raw, needles):
+    message = error(raw)
+    for needle in needles:
+        assert needle in message, message
+
+
+@pytest.mark.parametrize("override", ["max_steps=3", "training.max_steps", "training..x=1", "training.max_steps.x=1"])
+def test_malformed_overrides(tmp_path, override):
+    with pytest.raises(UsageError, match=r"max_steps|SECTION\.KEY"):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_cli_reports_bad_keys_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["train", "--config", str(write(tmp_path, MINIMAL)), "--output-dir", str(out), "training.warmup=3"])
+    assert code == 2
+    assert "training.warmup" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_build_model_dit_and_unet():
+    dit = build_model(config_from_dict(MINIMAL).model)
+    assert isinstance(dit, DiTModel) and dit.config.hidden_size == 96 and dit.config.in_channels == 1
+    unet_cfg = config_from_dict({
+        "model": {"type": "unet", "sample_size": 16, "in_channels": 1, "out_channels": 1, "block_out_channels": [16, 32],
+                  "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+                  "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8, "token_mixer": "atconv"},
+        "data": {"dataset": "fashion-mnist", "resolution": 16},
+    })
+    unet = build_model(unet_cfg.model)
+    assert isinstance(unet, MixerUNet2DModel) and unet.config.token_mixer == "atconv"
+
+
+def test_model_constructor_errors_become_usage_errors():
+    cfg = config_from_dict({**MINIMAL, "model": {**MINIMAL["model"], "hidden_size": 100, "num_heads": 3, "token_mixer": "attention"}})
+    with pytest.raises(UsageError, match="model"):
+        build_model(cfg.model)
+
+
+# ------------------------------------------------------------------------------------------------
+# The shipped configs
+# ------------------------------------------------------------------------------------------------
+
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.stem for p in SHIPPED}
+    for pair in ("fashion-mnist-dit-t4", "fashion-mnist-dit-t2", "fashion-mnist-unet", "cifar10-dit-s2"):
+        assert {f"{pair}-attention", f"{pair}-atconv"} <= names
+    assert "fashion-mnist-dit-t4-hybrid" in names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_config_loads_and_comments_its_purpose(path):
+    cfg = load_config(path)
+    assert cfg.training.output_dir == str(Path("outputs") / path.stem)
+    assert path.read_text().startswith("#"), "every config opens with a comment saying what it is for and how long it runs"
+
+
+def without_mixer(path: Path) -> tuple[str, dict]:
+    """(token_mixer, everything else but the output folder) of a shipped config."""
+    raw = load_config(path).to_dict()
+    raw["training"].pop("output_dir")
+    return raw["model"].pop("token_mixer"), raw
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.endswith("-atconv")], ids=lambda p: p.stem)
+def test_pairs_differ_only_in_the_token_mixer(path):
+    mixer, rest = without_mixer(path)
+    assert mixer == "atconv"
+    twins = [path.with_name(path.name.replace("-atconv", f"-{kind}")) for kind in ("attention", "hybrid")]
+    for twin in filter(Path.exists, twins):
+        twin_mixer, twin_rest = without_mixer(twin)
+        assert twin.stem.endswith(twin_mixer) and twin_rest == rest
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.startswith("fashion-mnist")], ids=lambda p: p.stem)
+def test_fashion_mnist_models_build(path):
+    model = build_model(load_config(path).model)
+    assert model.config.in_channels == 1

@@ -1,0 +1,160 @@
+"""Datasets: Fashion-MNIST from its IDX files, preprocessing, ImageFolder, errors, the batch stream."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+from PIL import Image
+
+from atdiff.data import (
+    DATASETS,
+    FASHION_MNIST_DIR,
+    DataConfig,
+    batch_stream,
+    load_dataset,
+    random_flip,
+    read_idx,
+)
+from atdiff.errors import UsageError
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} (sudo apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(scope="module")
+def fashion_test():
+    return load_dataset(DataConfig(dataset="fashion-mnist", split="test", resolution=32))
+
+
+def test_dataset_names():
+    assert DATASETS == ("fashion-mnist", "mnist", "cifar10", "imagefolder")
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_is_padded_to_32_in_unit_range(fashion_test):
+    image, label = fashion_test[0]
+    assert len(fashion_test) == 10_000 and len(fashion_test.classes) == 10
+    assert image.shape == (1, 32, 32) and image.dtype == torch.float32 and isinstance(label, int)
+    assert image.min() >= -1 and image.max() <= 1 and image.max() > 0.9
+    # 28x28 pixels centred: a 2-pixel border of zeros, i.e. -1 after normalisation.
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert (image[0][border] == -1).all()
+    raw = read_idx(Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
+    torch.testing.assert_close(image[0, 2:30, 2:30], raw[0].float() / 127.5 - 1)
+    labels = read_idx(Path(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
+    assert label == labels[0] and sorted(labels.unique().tolist()) == list(range(10))
+
+
+@needs_fashion_mnist
+def test_center_crop_and_channels():
+    dataset = load_dataset(DataConfig(dataset="fashion-mnist", split="test", resolution=16, resize_mode="center_crop", channels=3))
+    image, _ = dataset[0]
+    assert image.shape == (3, 16, 16)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    assert (image > -1).sum() > 50  # scaled down, not cropped away
+
+
+@needs_fashion_mnist
+def test_any_folder_with_uncompressed_idx_files(tmp_path):
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        with gzip.open(Path(FASHION_MNIST_DIR, f"{name}.gz")) as src, open(tmp_path / name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    dataset = load_dataset(DataConfig(dataset="fashion-mnist", split="test", resolution=28, root=str(tmp_path)))
+    assert dataset[5][0].shape == (1, 28, 28)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)))
+
+
+def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(UsageError, match=r"cifar10 is not in .* downloading it failed.*internet"):
+        load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
+
+
+def test_image_folder(tmp_path):
+    colours = {"blue": (0, 0, 255), "red": (255, 0, 0)}
+    for name, colour in colours.items():
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 20), colour).save(tmp_path / name / f"{i}.png")
+    dataset = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), resolution=16, resize_mode="center_crop"))
+    assert dataset.classes == ["blue", "red"] and len(dataset) == 6
+    image, label = dataset[3]
+    assert label == 1 and image.shape == (3, 16, 16)
+    torch.testing.assert_close(image[:, 8, 8], torch.tensor([1.0, -1.0, -1.0]))
+    gray = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), resolution=16, channels=1))
+    assert gray[0][0].shape == (1, 16, 16)
+
+
+def test_image_folder_needs_a_folder(tmp_path):
+    with pytest.raises(UsageError, match="data.root"):
+        load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")))
+
+
+def test_unknown_dataset():
+    with pytest.raises(UsageError, match="imagefolder"):
+        load_dataset(DataConfig(dataset="imagenet"))
+
+
+def test_random_flip_mirrors_about_half():
+    torch.manual_seed(0)
+    images = torch.arange(64 * 4, dtype=torch.float32).view(64, 1, 1, 4)
+    flipped = random_flip(images)
+    mirrored = (flipped == images.flip(-1)).all(dim=(1, 2, 3))
+    assert ((flipped == images).all(dim=(1, 2, 3)) | mirrored).all()
+    assert 16 < mirrored.sum() < 48
+
+
+# ------------------------------------------------------------------------------------------------
+# Batch stream
+# ------------------------------------------------------------------------------------------------
+
+
+class Indices(torch.utils.data.Dataset):
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.tensor([float(index)]), index
+
+
+def take(stream, n):
+    return [labels.tolist() for _, labels in (next(stream) for _ in range(n))]
+
+
+def test_stream_starts_anywhere_without_touching_the_global_rng():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    full = take(batch_stream(Indices(), 3, seed=1), 9)  # 3 batches per epoch (one image dropped)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert take(batch_stream(Indices(), 3, seed=1, start=4), 5) == full[4:]
+    epochs = [sorted(sum(full[i : i + 3], [])) for i in (0, 3, 6)]
+    assert all(len(set(e)) == 9 for e in epochs) and full[:3] != full[3:6]
+    assert take(batch_stream(Indices(), 3, seed=2), 3) != full[:3]
+
+
+def test_stream_shards_over_processes():
+    ranks = [take(batch_stream(Indices(), 2, seed=0, num_replicas=2, rank=r), 2) for r in (0, 1)]
+    seen = [i for batches in ranks for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == 8
+
+
+def test_stream_needs_enough_images():
+    with pytest.raises(UsageError, match="training.batch_size"):
+        next(batch_stream(Indices(), 11, seed=0))
