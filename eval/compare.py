@@ -57,10 +57,10 @@ PRESETS = {
     # per image there, so the FID sets are small). Small sets bias FID upwards, equally for every entry.
     "quick": Preset(
         train_overrides=(
-            "training.max_steps=1200", "training.checkpoint_every=400", "training.checkpoints_total_limit=null",
+            "training.max_steps=800", "training.checkpoint_every=400", "training.checkpoints_total_limit=null",
             "training.sample_every=0",
         ),
-        num_images=1000, num_real=2000, step_images=300, steps=25, batch_size=100, speed_batch=32, speed_repeats=3,
+        num_images=1000, num_real=2000, step_images=250, steps=20, batch_size=100, speed_batch=32, speed_repeats=3,
     ),
     # GPU: the configs' own schedules, every checkpoint kept, 50k samples (FID-50k) against the whole split.
     "full": Preset(
