@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from assets import needs_fashion_mnist
 from atdiff.data import (
     DATASETS,
     FASHION_MNIST_DIR,
@@ -21,12 +22,6 @@ from atdiff.data import (
     read_idx,
 )
 from atdiff.errors import UsageError
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} (sudo apt-get install dataset-fashion-mnist)",
-)
-
 
 @pytest.fixture(scope="module")
 def fashion_test():

@@ -19,17 +19,14 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from assets import needs_fashion_mnist
 from atdiff.cli import main
 from atdiff.config import config_from_dict
-from atdiff.data import FASHION_MNIST_DIR
 from atdiff.errors import UsageError
 from atdiff.objectives import FlowMatchingObjective
 from atdiff.training import TrainingDiverged, list_checkpoints, train
 
-pytestmark = pytest.mark.skipif(
-    not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} (sudo apt-get install dataset-fashion-mnist)",
-)
+pytestmark = needs_fashion_mnist
 
 # Everything that carries state across a resume is switched on: random flips, accumulation, a
 # decaying LR with warm-up, EMA, label dropout and sample grids in the middle of the run.
