@@ -49,7 +49,7 @@ class ATConv(nn.Module):
             ``"2d"`` pools the H x W grid to k x k, so each kernel tap sees its own image region.
         inhibition: subtract ``sigmoid(difference_control)`` times the kernel mean (paper: on).
         conv_impl: per-sample depthwise conv implementation (``"auto"`` picks the fastest measured
-            for the device; see ``atdiff.nn.functional``).
+            for the device and grid size; see ``atdiff.nn.functional``).
 
     Input: tokens ``(B, N, C)`` with ``grid=(H, W)`` (square if omitted), or a feature map
     ``(B, C, H, W)``. Output has the same layout, with ``out_dim`` channels.
@@ -103,8 +103,8 @@ class ATConv(nn.Module):
 
     # -- kernel generation ------------------------------------------------------------------------
 
-    def _pool(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """Average (B, N, C) tokens down to (B, k*k, C) bins."""
+    def pool(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Average (B, N, C) tokens of an H x W grid down to (B, k*k, C) bins (per ``pooling``)."""
         k = self.kernel_size
         if self.pooling == "1d":
             pooled = F.adaptive_avg_pool1d(x.transpose(1, 2), k * k)  # (B, C, k*k)
@@ -121,7 +121,7 @@ class ATConv(nn.Module):
         """
         B = x.shape[0]
         k = self.kernel_size
-        context = self.kernel_proj(self._pool(x, H, W))  # (B, k*k, inner)
+        context = self.kernel_proj(self.pool(x, H, W))  # (B, k*k, inner)
         kernels = self.kernel_gen(F.gelu(context.transpose(1, 2), approximate="tanh"))  # (B, inner, k*k)
         if self.inhibition:
             factor = torch.sigmoid(self.difference_control).to(kernels.dtype).unsqueeze(-1)
