@@ -31,7 +31,7 @@ from atdiff.config import ExperimentConfig, load_config
 from atdiff.errors import UsageError
 from atdiff.pipelines import SCHEDULER_NAMES
 from atdiff.sampling import SamplingSettings, sample_into_folder
-from atdiff.training import list_checkpoints, pipeline_at_checkpoint, write_atomic
+from atdiff.training import flat_config, list_checkpoints, pipeline_at_checkpoint, write_atomic
 
 from .fid import compute_metrics, dataset_spec
 
@@ -158,19 +158,9 @@ def check_same_data(entries: list[Entry]) -> None:
 
 def mixer_differences(entries: list[Entry]) -> list[str]:
     """Config keys (besides output_dir) in which the entries differ; ideally only model.token_mixer."""
-    flat = [flatten(e.cfg.to_dict()) for e in entries]
-    keys = sorted(set().union(*flat))
-    return [k for k in keys if k != "training.output_dir" and len({json.dumps(f.get(k)) for f in flat}) > 1]
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    flat = [flat_config(e.cfg) for e in entries]
+    keys = sorted(set().union(*flat) - {"training/output_dir"})
+    return [k.replace("/", ".") for k in keys if len({json.dumps(f.get(k)) for f in flat}) > 1]
 
 
 def claim_comparison(out: Path, settings: CompareSettings) -> None:
