@@ -538,10 +538,17 @@ class StepTimer:
 
 
 def peak_memory(device: torch.device) -> dict:
+    """Peak memory of this process: CUDA max allocated, or on the CPU the peak resident set."""
     if device.type == "cuda":
         return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_max_allocated"}
-    # Linux reports ru_maxrss in KiB.
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_peak_rss"}
+    # Linux's VmHWM belongs to this process image alone; ru_maxrss carries over the parent's peak
+    # through fork and exec, so a child started by a large process would report the parent's size.
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_mb": kib / 1024, "peak_memory_kind": "cpu_peak_rss"}
 
 
 class StopRequest:

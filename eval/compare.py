@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import shlex
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from atdiff.config import ExperimentConfig, load_config
 from atdiff.errors import UsageError
 from atdiff.pipelines import SCHEDULER_NAMES
 from atdiff.sampling import SamplingSettings, sample_into_folder
-from atdiff.training import flat_config, list_checkpoints, pipeline_at_checkpoint, write_atomic
+from atdiff.training import flat_config, list_checkpoints, peak_memory, pipeline_at_checkpoint, write_atomic
 
 from .fid import compute_metrics, dataset_spec
 
@@ -247,11 +246,8 @@ def sampling_speed(run_dir: str, scheduler: str | None, steps: int, batch: int, 
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    if device.startswith("cuda"):
-        memory = {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "peak_memory_kind": "cuda_max_allocated"}
-    else:  # Linux reports ru_maxrss in KiB; the process holds this one model only
-        memory = {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_memory_kind": "cpu_peak_rss"}
-    return {"images_per_s": batch / statistics.median(times), "batch": batch, "steps": steps, "repeats": repeats, **memory}
+    return {"images_per_s": batch / statistics.median(times), "batch": batch, "steps": steps, "repeats": repeats,
+            **peak_memory(torch.device(device))}
 
 
 def measure_in_child(fn, *args) -> dict:
