@@ -14,7 +14,7 @@ from .errors import UsageError
 
 COMMANDS = {
     "info": ("atdiff.info", "build the attention and ATConv models of a config; print parameters and forward time"),
-    "train": ("atdiff.training", "train a diffusion model from a YAML config (Accelerate)"),
+    "train": ("atdiff.training.cli", "train a diffusion model from a YAML config (Accelerate)"),
     "sample": ("atdiff.sampling", "generate images from a trained pipeline folder"),
     "fid": ("atdiff.eval.fid", "FID/KID (torch-fidelity) between two image sets"),
     "compare": ("atdiff.eval.compare", "train, sample and evaluate attention vs ATConv configs; write a report"),

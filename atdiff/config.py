@@ -122,6 +122,15 @@ class ExperimentConfig:
 SECTIONS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 
 
+def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:
+    """The config as flat ``section/key`` scalars, as trackers (TensorBoard hparams) want."""
+    return {
+        f"{section}/{key}": value if isinstance(value, (str, int, float, bool)) else str(value)
+        for section, values in cfg.to_dict().items()
+        for key, value in values.items()
+    }
+
+
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------

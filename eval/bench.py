@@ -50,7 +50,7 @@ from atdiff.models import DiTModel, dit_size
 from atdiff.nn import ATConv, SelfAttention
 from atdiff.nn.functional import IMPL_FUNCTIONS, auto_conv_impl, per_sample_depthwise_conv2d, per_sample_depthwise_conv2d_shift
 from atdiff.sampling import check_device
-from atdiff.training import write_atomic
+from atdiff.files import write_atomic
 
 STUDIES = ("mixers", "impls", "models")
 MODES = ("forward", "forward+backward")

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
-from atdiff.config import ExperimentConfig, load_config
+from atdiff.config import ExperimentConfig, flat_config, load_config
 from atdiff.errors import UsageError
+from atdiff.files import write_atomic
 from atdiff.pipelines import SCHEDULER_NAMES
 from atdiff.sampling import SamplingSettings, sample_into_folder
-from atdiff.training import flat_config, list_checkpoints, peak_memory, pipeline_at_checkpoint, write_atomic
+from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
+from atdiff.training.timing import peak_memory
 
 from .fid import compute_metrics, dataset_spec
 

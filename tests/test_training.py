@@ -242,11 +242,11 @@ def test_resume_errors(tmp_path):
 def test_two_processes_over_gloo(tmp_path):
     out = tmp_path / "run"
     config = write_config(tiny(out, max_steps=4, checkpoint_every=2, sample_every=0), tmp_path / "run.yaml")
-    accelerate = Path(sys.executable).with_name("accelerate")
     # On a machine without a visible GPU, `--multi_gpu` starts processes that atdiff puts on the CPU
     # with gloo (`--cpu` alone starts one process unless MPI is installed).
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    # `python -m` rather than the `accelerate` script: a venv that inherits its packages has no script.
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "atdiff", "train", "--config", str(config)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,37 +1,30 @@
-"""``atdiff train``: the Accelerate training loop.
+"""The Accelerate training loop.
 
 One process or many (``accelerate launch -m atdiff train ...``; DeepSpeed/FSDP through Accelerate's
 config). The loop knows nothing about the network or the objective: it gets a model, an objective
 (``objective.loss(model, x0, labels)``) and a stream of batches, and adds AdamW with warm-up,
 clipping, accumulation, mixed precision, EMA, sample grids, trackers and checkpoints.
 
-Crash safety: ``output_dir/checkpoint-<step>/`` is an ``accelerator.save_state`` folder written
-under a temporary name and renamed, so a kill during saving leaves the previous checkpoint as the
-latest. Resuming restores model, optimizer, LR schedule, EMA and every RNG, and the data order is a
-function of the step (``atdiff.data.batch_stream``), so on the CPU a resumed run ends with exactly
+Crash safety: checkpoints (``atdiff.training.checkpoint``) are written under a temporary name and
+renamed, so a kill during saving leaves the previous checkpoint as the latest. Resuming restores
+model, optimizer, LR schedule, EMA and every RNG, and the data order is a function of the step (``atdiff.data.batch_stream``), so on the CPU a resumed run ends with exactly
 the weights of one that never stopped. A non-finite loss stops the run, keeping the last good
 checkpoint; Ctrl-C (or SIGTERM) saves a checkpoint at the end of the current step and exits.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import re
-import resource
-import shutil
 import signal
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
@@ -39,15 +32,15 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig, build_model, load_config
-from .data import batch_stream, load_dataset, random_flip
-from .errors import UsageError
-from .objectives import build_objective
-from .pipelines import ImageDiffusionPipeline, num_classes_of
-
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
-WARMUP_STEPS = 5  # first steps of a session left out of throughput (allocator, worker start-up)
-EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
+from ..config import ExperimentConfig, build_model, flat_config
+from ..data import batch_stream, load_dataset, random_flip
+from ..errors import UsageError
+from ..files import write_atomic
+from ..objectives import build_objective
+from ..pipelines import ImageDiffusionPipeline, num_classes_of
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .run_dir import check_output_dir, prepare_output_dir, save_pipeline
+from .timing import StepTimer, peak_memory
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,42 +53,6 @@ class TrainingResult:
     step: int  # optimizer steps done
     interrupted: bool
     losses: list[float] = field(default_factory=list)  # mean loss of each step this session ran
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
-    parser.add_argument("--output-dir", help="run folder (training.output_dir; default outputs/<config name>)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (training.max_steps)")
-    parser.add_argument("--batch-size", type=int, help="images per optimizer step over all processes (training.batch_size)")
-    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (training.checkpoint_every)")
-    parser.add_argument("--seed", type=int, help="training.seed")
-    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of the output dir, or from a checkpoint folder")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any config key, e.g. training.learning_rate=3e-4 model.token_mixer=attention")
-
-
-FLAG_KEYS = {
-    "output_dir": "training.output_dir",
-    "max_steps": "training.max_steps",
-    "batch_size": "training.batch_size",
-    "checkpoint_every": "training.checkpoint_every",
-    "seed": "training.seed",
-}
-
-
-def run(args: argparse.Namespace) -> int:
-    flags = [f"{key}={json.dumps(getattr(args, name))}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
-    cfg = load_config(args.config, [*args.overrides, *flags])
-    try:
-        result = train(cfg, resume=args.resume)
-    except TrainingDiverged as err:
-        print(f"atdiff train: error: {err}", flush=True)
-        return 1
-    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,8 +115,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
 
     start_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        start_step = checkpoint_step(resume_from)
+        start_step = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"resumed from {resume_from} (step {start_step})")
     ema.to(accelerator.device)
 
@@ -174,10 +130,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         pin_memory=accelerator.device.type == "cuda",
     )
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in output_dir.glob(".*.tmp"):  # left by a run killed while saving
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        write_atomic(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        prepare_output_dir(output_dir, cfg)
         accelerator.init_trackers("atdiff", config=flat_config(cfg))
     trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, cfg)
     try:
@@ -205,15 +158,6 @@ def check_classes(model: torch.nn.Module, dataset, cfg: ExperimentConfig) -> Non
             f"the model is conditioned on {num_classes} classes but data ({cfg.data.dataset}) has {found}; "
             f"set model.num_classes={found} (or 0 for an unconditional model)"
         )
-
-
-def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:
-    """The config as flat ``section/key`` scalars, as trackers (TensorBoard hparams) want."""
-    return {
-        f"{section}/{key}": value if isinstance(value, (str, int, float, bool)) else str(value)
-        for section, values in cfg.to_dict().items()
-        for key, value in values.items()
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,28 +262,12 @@ class Trainer:
     # --------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> Path:
-        """``accelerator.save_state`` into ``.checkpoint-<step>.tmp``, renamed once complete; then
-        keep the newest ``checkpoints_total_limit``. Pruning happens after the rename, so a kill at
-        any point leaves at least one complete checkpoint."""
         acc = self.accelerator
-        final = self.output_dir / f"checkpoint-{step}"
-        partial = self.output_dir / f".checkpoint-{step}.tmp"
+        self.last_checkpoint = save_checkpoint(acc, self.output_dir, step, self.tcfg.checkpoints_total_limit)
         if acc.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(partial))  # every process writes its own RNG state
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if final.exists():  # from an earlier attempt at this run (resumed from an older checkpoint)
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            limit = self.tcfg.checkpoints_total_limit
-            for _, old in list_checkpoints(self.output_dir)[:-limit] if limit else []:
-                shutil.rmtree(old)
             self.write_stats(step)
         acc.wait_for_everyone()
-        self.last_checkpoint = final
-        return final
+        return self.last_checkpoint
 
     @contextmanager
     def ema_weights(self):
@@ -380,19 +308,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def save_pipeline(self) -> None:
-        """Make ``output_dir`` a diffusers pipeline folder with the EMA weights. Written aside and moved
-        in with ``model_index.json`` last, so a folder that has it holds a complete pipeline."""
+        """Make ``output_dir`` a diffusers pipeline folder with the EMA weights."""
         if self.accelerator.is_main_process:
-            staging = self.output_dir / ".pipeline.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
             with self.ema_weights() as model:
-                self.pipeline(model).save_pretrained(staging)
-            for entry in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
-                target = self.output_dir / entry.name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(entry, target)
-            staging.rmdir()
+                save_pipeline(self.output_dir, self.pipeline(model))
         self.accelerator.wait_for_everyone()
 
     def write_stats(self, step: int) -> None:
@@ -412,143 +331,8 @@ class Trainer:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint folders
+# Signals
 # ------------------------------------------------------------------------------------------------
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (partial ones have a temporary name), oldest first."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))]
-    return sorted(found)
-
-
-def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
-    """The pipeline of a run's EMA weights as they were at ``checkpoint`` (for FID over training).
-
-    Rebuilds the model from the run's ``config.yaml`` and copies in the EMA parameters that
-    ``save_state`` stored (the EMA is the first object registered for checkpointing).
-    """
-    cfg = load_config(checkpoint.parent / "config.yaml")
-    model = build_model(cfg.model)
-    ema = EMAModel(model.parameters())
-    ema.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True))
-    ema.copy_to(model.parameters())
-    return ImageDiffusionPipeline(model=model.eval(), scheduler=build_objective(cfg.objective).make_scheduler())
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
-
-
-def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint ``--resume`` names: the newest in ``output_dir`` for ``latest`` (None when
-    there is none yet, so one command both starts and continues a run), or a checkpoint folder."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            print(f"--resume latest: {output_dir} has no checkpoint yet; starting from scratch", flush=True)
-        return checkpoints[-1][1] if checkpoints else None
-    path = Path(resume)
-    if not (path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name) and any(path.glob("model*.safetensors"))):
-        raise UsageError(f"--resume: {resume!r} is not a checkpoint-<step> folder; pass one, or 'latest'")
-    return path
-
-
-def check_output_dir(output_dir: Path, cfg: ExperimentConfig, resume_from: Path | None) -> None:
-    """Refuse to train over a finished or checkpointed run unless resuming, and refuse to resume
-    with a model, objective or data that differ from the checkpoint's."""
-    if resume_from is None:
-        taken = [p.name for p in (output_dir / "model_index.json", *(p for _, p in list_checkpoints(output_dir))) if p.exists()]
-        if taken:
-            raise UsageError(
-                f"{output_dir} already holds a run ({', '.join(taken[:3])}); continue it with --resume latest "
-                f"or pass another --output-dir"
-            )
-        return
-    saved_config = resume_from.parent / "config.yaml"
-    if saved_config.is_file():
-        saved, current = yaml.safe_load(saved_config.read_text()), cfg.to_dict()
-        changed = [
-            f"{section}.{key}"
-            for section in ("model", "objective", "data")
-            for key in sorted(set(saved.get(section, {})) | set(current[section]))
-            if saved.get(section, {}).get(key) != current[section].get(key)
-        ]
-        if changed:
-            raise UsageError(f"{resume_from} was trained with other values of {changed} (see {saved_config}); use the same config to resume")
-
-
-# ------------------------------------------------------------------------------------------------
-# Measurements, signals, files
-# ------------------------------------------------------------------------------------------------
-
-
-class StepTimer:
-    """Wall time of every step and, where it is cheap or asked for, of its phases.
-
-    On the CPU the phases cost nothing to time (every op is synchronous); on CUDA they are only
-    meaningful with a device synchronisation at each boundary, so they are timed with ``profile`` only.
-    """
-
-    PHASES = ("data", "forward", "backward", "optimizer")
-
-    def __init__(self, device: torch.device, profile: bool):
-        self.split = profile or device.type == "cpu"
-        self.sync = (lambda: torch.cuda.synchronize(device)) if profile and device.type == "cuda" else (lambda: None)
-        self.step_times: list[float] = []
-        self.phase_times: list[dict[str, float]] = []
-
-    def start_step(self) -> None:
-        self.sync()
-        self.current = dict.fromkeys(self.PHASES, 0.0)
-        self.started = time.perf_counter()
-
-    @contextmanager
-    def phase(self, name: str):
-        if not self.split:
-            yield
-            return
-        start = time.perf_counter()
-        yield
-        self.sync()
-        self.current[name] += time.perf_counter() - start
-
-    def end_step(self) -> None:
-        self.sync()
-        self.step_times.append(time.perf_counter() - self.started)
-        self.phase_times.append(self.current)
-
-    def summary(self, batch_size: int) -> dict:
-        """Median images/s and the mean time split, leaving out the first steps of the session."""
-        skip = min(WARMUP_STEPS, max(len(self.step_times) - 1, 0))
-        times = self.step_times[skip:]
-        if not times:
-            return {"images_per_s": None, "step_time_s": None, "time_split_s": None}
-        step_time = statistics.median(times)
-        split = None
-        if self.split:
-            split = {name: statistics.fmean(p[name] for p in self.phase_times[skip:]) for name in self.PHASES}
-            split["other"] = max(statistics.fmean(times) - sum(split.values()), 0.0)
-        return {"images_per_s": batch_size / step_time, "step_time_s": step_time, "time_split_s": split,
-                "timed_steps": len(times)}
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory of this process: CUDA max allocated, or on the CPU the peak resident set."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_max_allocated"}
-    # Linux's VmHWM belongs to this process image alone; ru_maxrss carries over the parent's peak
-    # through fork and exec, so a child started by a large process would report the parent's size.
-    try:
-        with open("/proc/self/status") as status:
-            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mb": kib / 1024, "peak_memory_kind": "cpu_peak_rss"}
 
 
 class StopRequest:
@@ -577,8 +361,3 @@ def stop_request() -> Iterator[StopRequest]:
         for sig, old in previous.items():
             signal.signal(sig, old)
 
-
-def write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text(text)
-    os.replace(partial, path)

@@ -1,0 +1,13 @@
+"""Training: the Accelerate loop and what it writes.
+
+- ``loop``: ``train()`` and the ``Trainer`` (the Accelerate loop; knows no model class),
+- ``checkpoint``: checkpoint folders (list, find, save, load; a pipeline at a checkpoint),
+- ``run_dir``: the output folder (checks, ``config.yaml``, the final pipeline folder),
+- ``timing``: step timer and peak memory,
+- ``cli``: ``atdiff train``.
+"""
+
+from .checkpoint import list_checkpoints, pipeline_at_checkpoint
+from .loop import Trainer, TrainingDiverged, TrainingResult, train
+
+__all__ = ["Trainer", "TrainingDiverged", "TrainingResult", "list_checkpoints", "pipeline_at_checkpoint", "train"]

@@ -1,0 +1,42 @@
+"""``atdiff train``: the command line of the training loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import load_config
+from .loop import TrainingDiverged, train
+
+EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    parser.add_argument("--output-dir", help="run folder (training.output_dir; default outputs/<config name>)")
+    parser.add_argument("--max-steps", type=int, help="optimizer steps (training.max_steps)")
+    parser.add_argument("--batch-size", type=int, help="images per optimizer step over all processes (training.batch_size)")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (training.checkpoint_every)")
+    parser.add_argument("--seed", type=int, help="training.seed")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from the newest checkpoint of the output dir, or from a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any config key, e.g. training.learning_rate=3e-4 model.token_mixer=attention")
+
+
+FLAG_KEYS = {
+    "output_dir": "training.output_dir",
+    "max_steps": "training.max_steps",
+    "batch_size": "training.batch_size",
+    "checkpoint_every": "training.checkpoint_every",
+    "seed": "training.seed",
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    flags = [f"{key}={json.dumps(getattr(args, name))}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
+    cfg = load_config(args.config, [*args.overrides, *flags])
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"atdiff train: error: {err}", flush=True)
+        return 1
+    return EXIT_INTERRUPTED if result.interrupted else 0
