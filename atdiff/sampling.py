@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
+from .pipelines.trust import check_no_code_from_folder, read_model_index
 
 SETTINGS_FILE = "atdiff_sample.json"
 
@@ -63,10 +64,11 @@ def check_pipeline_dir(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{path} is not a pipeline folder (no model_index.json); pass the --output-dir of `atdiff train`")
-    class_name = json.loads(index.read_text()).get("_class_name")
+    class_name = read_model_index(path).get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
     if class_name != ImageDiffusionPipeline.__name__:
         raise UsageError(f"{path} holds a {class_name}, not an atdiff {ImageDiffusionPipeline.__name__}; pass a folder written by `atdiff train`")
+    check_no_code_from_folder(path, ImageDiffusionPipeline)
 
 
 def output_kind(out: Path) -> str:

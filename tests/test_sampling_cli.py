@@ -13,7 +13,7 @@ from PIL import Image
 from atdiff import DiTModel
 from atdiff.cli import main
 from atdiff.pipelines import ImageDiffusionPipeline
-from test_pipelines import tiny_dit
+from test_pipelines import tampered_copy, tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,6 +165,20 @@ def test_not_a_pipeline_folder(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
     assert sample(tmp_path, tmp_path / "x", "--num-images", "1") == 2
     assert "holds a DDPMPipeline, not an atdiff ImageDiffusionPipeline" in error_of(capsys)
+
+
+def test_tampered_pipeline_folder_runs_no_code(ddpm_dir, tmp_path, capsys):
+    copy, markers = tampered_copy(ddpm_dir, tmp_path)
+    assert sample(copy, tmp_path / "x", "--num-images", "1") == 2
+    err = error_of(capsys)
+    assert "component 'model' comes from 'evil'; atdiff loads components only from atdiff and diffusers" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(marker.exists() for marker in markers) and not (tmp_path / "x").exists()
+    # `atdiff fid PIPE` (and compare) load pipelines the same way, before sampling anything.
+    assert main(["fid", str(copy), str(copy), "--num-real", "1", "--num-fake", "1", "--device", "cpu"]) == 2
+    assert "component 'model' comes from 'evil'" in error_of(capsys)
+    assert not any(marker.exists() for marker in markers) and sorted(p.name for p in copy.iterdir()) == [
+        "model", "model_index.json", "pipeline.py", "scheduler"]
 
 
 def test_existing_outputs_are_never_overwritten(ddpm_dir, tmp_path, capsys):
