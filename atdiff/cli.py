@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UsageError
+from .errors import UsageError, os_error_line
 
 COMMANDS = {
     "info": ("atdiff.info", "build the attention and ATConv models of a config; print parameters and forward time"),
@@ -22,26 +22,47 @@ COMMANDS = {
 }
 
 
-def build_parser(command: str | None) -> argparse.ArgumentParser:
+def build_parser(command: str | None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The ``atdiff`` parser and the parser of ``command`` (None when ``command`` is not one)."""
     parser = argparse.ArgumentParser(prog="atdiff", description="Diffusion with ATConv instead of attention.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    command_parser = None
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             importlib.import_module(module).add_arguments(sp)
-    return parser
+            command_parser = sp
+    return parser, command_parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser, command_parser = build_parser(command)
+    if command_parser is None:
+        return parser.parse_args(argv)  # help, or the error that lists the commands
+    # KEY=VALUE overrides are a positional list; parse_args ends it at the first flag, so `a=1 --max-steps 3
+    # b=2` would leave b=2 unparsed. parse_intermixed_args takes flags anywhere, but refuses a parser with
+    # subcommands: the command's own parser reads what follows the command name.
+    args = command_parser.parse_intermixed_args(argv[1:])
+    args.command = command
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    args = build_parser(command).parse_args(argv)
+    args = parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return module.run(args) or 0
     except UsageError as err:
         print(f"atdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path the user gave that cannot be read or written: the OS says why
+        print(f"atdiff {args.command}: error: {os_error_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"atdiff {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

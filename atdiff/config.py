@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+import torch
 import yaml
 from accelerate.utils import LoggerType
 from diffusers.models.modeling_utils import ModelMixin
@@ -289,35 +290,71 @@ def init_type_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
+# The range of every numeric key, as an interval; a key that may be null (off) says so in NULL_MEANS.
+# inf bounds are open, so inf and nan are refused everywhere.
+RANGES: dict[str, str] = {
+    "training.seed": "[0, 4294967295]",  # numpy's seed range: Accelerate's set_seed seeds numpy too
+    "training.max_steps": "[1, inf)",
+    "training.batch_size": "[1, inf)",
+    "training.gradient_accumulation_steps": "[1, inf)",
+    "training.learning_rate": "(0, inf)",
+    "training.lr_warmup_steps": "[0, inf)",
+    "training.weight_decay": "[0, inf)",
+    "training.adam_beta1": "[0, 1)",
+    "training.adam_beta2": "[0, 1)",
+    "training.max_grad_norm": "(0, inf)",  # 0 would zero every update, a negative norm flips it uphill
+    "training.ema_decay": "[0, 1]",
+    "training.ema_power": "(0, inf)",
+    "training.sample_every": "[0, inf)",
+    "training.num_sample_images": "[1, inf)",
+    "training.checkpoint_every": "[0, inf)",
+    "training.checkpoints_total_limit": "[1, inf)",
+    "training.log_every": "[1, inf)",
+    "objective.num_train_timesteps": "[1, inf)",
+    "data.resolution": "[1, inf)",
+    "data.num_workers": "[0, inf)",
+    "sampling.num_inference_steps": "[1, inf)",
+    "sampling.guidance_scale": "(-inf, inf)",
+}
+NULL_MEANS = {"training.max_grad_norm": "no clipping", "training.checkpoints_total_limit": "keep all"}
+
+
+def in_interval(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return above and below
+
+
+def described(interval: str) -> str:
+    low, high = interval[1:-1].split(", ")
+    if high != "inf":
+        return f"in {interval}"
+    if low == "-inf":
+        return "a finite number"
+    return f"at least {low}" if interval[0] == "[" else f"greater than {low}"
+
+
+def check_ranges(cfg: ExperimentConfig) -> None:
+    for key, interval in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None and key in NULL_MEANS:
+            continue
+        if not in_interval(value, interval):
+            null = f" (or null: {NULL_MEANS[key]})" if key in NULL_MEANS else ""
+            raise UsageError(f"{key} must be {described(interval)}{null}, got {value}")
+
+
 def check_values(cfg: ExperimentConfig) -> None:
-    """Checks across keys and ranges that types alone do not express."""
+    """Ranges, and checks across keys that types alone do not express."""
+    check_ranges(cfg)
     t, d = cfg.training, cfg.data
-    positive = {
-        "training.max_steps": t.max_steps,
-        "training.batch_size": t.batch_size,
-        "training.gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "training.num_sample_images": t.num_sample_images,
-        "training.log_every": t.log_every,
-        "data.resolution": d.resolution,
-        "objective.num_train_timesteps": cfg.objective.num_train_timesteps,
-        "sampling.num_inference_steps": cfg.sampling.num_inference_steps,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise UsageError(f"{key} must be positive, got {value}")
-    for key, value in {"training.sample_every": t.sample_every, "training.checkpoint_every": t.checkpoint_every,
-                       "training.lr_warmup_steps": t.lr_warmup_steps, "data.num_workers": d.num_workers}.items():
-        if value < 0:
-            raise UsageError(f"{key} must be 0 or more, got {value}")
-    if t.checkpoints_total_limit is not None and t.checkpoints_total_limit < 1:
-        raise UsageError(f"training.checkpoints_total_limit must be 1 or more (or null: keep all), got {t.checkpoints_total_limit}")
     if t.batch_size % t.gradient_accumulation_steps:
         raise UsageError(
             f"training.batch_size ({t.batch_size}) must be a multiple of training.gradient_accumulation_steps "
             f"({t.gradient_accumulation_steps})"
         )
-    if not 0 <= t.ema_decay <= 1:
-        raise UsageError(f"training.ema_decay must be in [0, 1], got {t.ema_decay}")
     if t.lr_scheduler not in LR_SCHEDULES:
         raise UsageError(f"training.lr_scheduler: {t.lr_scheduler!r} is not one of {list(LR_SCHEDULES)}")
     if t.log_with not in TRACKERS:
@@ -342,11 +379,20 @@ def check_values(cfg: ExperimentConfig) -> None:
     size = model.get("sample_size")
     if size is not None and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
         raise UsageError(f"model.sample_size is {size} but data.resolution is {d.resolution}; make them equal")
+    check_model(cfg.model)
 
 
 def build_model(model_cfg: ModelConfig) -> ModelMixin:
     """The model a ``model`` section describes, freshly initialised."""
     try:
         return model_cfg.model_class(**model_cfg.model_kwargs())
-    except (ValueError, TypeError) as err:
+    # Bad widths that the class does not check itself fail in torch (negative sizes) or in arithmetic.
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as err:
         raise UsageError(f"model: {err}") from err
+
+
+def check_model(model_cfg: ModelConfig) -> None:
+    """Build the model on the meta device (no memory, milliseconds) so that arguments it rejects fail at
+    load, before a run folder or an output exists."""
+    with torch.device("meta"):
+        build_model(model_cfg)

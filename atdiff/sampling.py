@@ -1,10 +1,11 @@
-"""``atdiff sample``: generate images from a pipeline folder into PNGs, a grid PNG or an npz.
+"""``atdiff sample``: generate images from a pipeline folder into PNGs, a grid (PNG or JPEG) or an npz.
 
 Every image ``i`` has its own noise generator (seeded from ``--seed`` and ``i``) and its own class
 label, so it is the same image whatever the batch size or the order of the runs. That makes
 sampling resumable: PNGs are written one by one (atomically), and a rerun of the same command
 samples only the missing indices. A grid or npz is assembled from such PNGs in ``OUT.partial/``
-once all of them exist.
+once all of them exist. Each output records the settings it was sampled with (a folder in
+``atdiff_sample.json``, a grid or npz inside the file), and is never filled or replaced with others.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from .errors import UsageError
+from .errors import UsageError, writing_to
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
+from .pipelines.trust import check_no_code_from_folder, read_model_index
 
 SETTINGS_FILE = "atdiff_sample.json"
+RECORD_KEY = "atdiff_sample"  # where a grid (PNG text chunk, JPEG comment) or npz keeps its settings
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+OUTPUT_FIX = "free space or write elsewhere"
 
 
 @dataclass
@@ -44,7 +50,7 @@ class SamplingSettings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline_dir", metavar="PIPELINE_DIR", help="folder written by `atdiff train` (or save_pretrained)")
     parser.add_argument("--num-images", type=int, required=True, help="images to generate")
-    parser.add_argument("--out", required=True, help="DIR (one PNG per image, 000000.png ...), FILE.png (a grid) or FILE.npz (uint8 NHWC in arr_0)")
+    parser.add_argument("--out", required=True, help="DIR (one PNG per image, 000000.png ...), FILE.png or FILE.jpg (a grid) or FILE.npz (uint8 NHWC in arr_0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (does not change the images)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler; default: the folder's own scheduler")
@@ -63,20 +69,34 @@ def check_pipeline_dir(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{path} is not a pipeline folder (no model_index.json); pass the --output-dir of `atdiff train`")
-    class_name = json.loads(index.read_text()).get("_class_name")
+    class_name = read_model_index(path).get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name
     if class_name != ImageDiffusionPipeline.__name__:
         raise UsageError(f"{path} holds a {class_name}, not an atdiff {ImageDiffusionPipeline.__name__}; pass a folder written by `atdiff train`")
+    check_no_code_from_folder(path, ImageDiffusionPipeline)
 
 
 def output_kind(out: Path) -> str:
     """``"dir"``, ``"grid"`` or ``"npz"``, from the suffix of ``--out``."""
     suffix = out.suffix.lower()
-    if suffix in (".png", ".npz"):
-        return "grid" if suffix == ".png" else "npz"
+    if suffix in GRID_FORMATS:
+        return "grid"
+    if suffix == ".npz":
+        return "npz"
+    if suffix in Image.registered_extensions():
+        raise UsageError(f"--out {out}: a grid is written as .png or .jpg; pass one of those, a .npz or a folder")
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file; pass a folder, a .png (grid) or a .npz")
+        raise UsageError(f"--out {out} is an existing file; pass a folder, a .png or .jpg (grid) or a .npz")
     return "dir"
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be created: under a file, or in a folder that is not writable."""
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable (read-only or no permission); choose another --out")
 
 
 def check_positive(args: argparse.Namespace) -> None:
@@ -94,14 +114,17 @@ def check_device(name: str) -> None:
         raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
 
 
+def check_same_settings(path: Path, previous: dict, current: dict) -> None:
+    if previous != current:
+        changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in current.items() if previous.get(k) != v)
+        raise UsageError(f"{path} holds images sampled with other settings ({changed}); use a new --out or the same settings")
+
+
 def claim_folder(folder: Path, settings: SamplingSettings) -> None:
     """Make ``folder`` hold images of ``settings`` only: refuse one filled with other settings or other files."""
     record = folder / SETTINGS_FILE
     if record.is_file():
-        previous = json.loads(record.read_text())
-        if previous != asdict(settings):
-            changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in asdict(settings).items() if previous.get(k) != v)
-            raise UsageError(f"{folder} holds images sampled with other settings ({changed}); use a new --out or the same settings")
+        check_same_settings(folder, json.loads(record.read_text()), asdict(settings))
     elif folder.is_dir() and any(folder.iterdir()):
         raise UsageError(f"{folder} is not empty and was not written by `atdiff sample`; use a new or empty --out")
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,21 +190,51 @@ def read_images(folder: Path, num_images: int) -> np.ndarray:
     return np.stack([im[..., None] if im.ndim == 2 else im for im in images])
 
 
-def write_grid(images: np.ndarray, path: Path) -> None:
+def write_grid(images: np.ndarray, path: Path, record: dict) -> None:
+    """A grid image (PNG or JPEG, by suffix) that carries ``record`` in its metadata."""
     from torchvision.utils import make_grid
 
     grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))), padding=2)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    format = GRID_FORMATS[path.suffix.lower()]
+    if format == "PNG":
+        info = PngInfo()
+        info.add_text(RECORD_KEY, json.dumps(record))
+        image.save(tmp, format=format, pnginfo=info)
+    else:
+        image.save(tmp, format=format, quality=95, comment=json.dumps({RECORD_KEY: record}))
     os.replace(tmp, path)
 
 
-def write_npz(images: np.ndarray, labels: np.ndarray | None, path: Path) -> None:
+def write_npz(images: np.ndarray, labels: np.ndarray | None, path: Path, record: dict) -> None:
     # The ADM evaluator's layout: uint8 NHWC in arr_0, class labels (if any) in arr_1.
     tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays, **{RECORD_KEY: np.array(json.dumps(record))})
     os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict | None:
+    """The settings a grid or npz written by ``atdiff sample`` carries; None for any other file."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path) as data:
+                return json.loads(str(data[RECORD_KEY])) if RECORD_KEY in data else None
+        with Image.open(path) as image:
+            if RECORD_KEY in image.info:  # PNG text chunk
+                return json.loads(image.info[RECORD_KEY])
+            return json.loads(image.info["comment"])[RECORD_KEY]  # JPEG comment
+    except (OSError, ValueError, KeyError, TypeError):  # not ours, or not readable: treat it as foreign
+        return None
+
+
+def check_existing_file(out: Path, record: dict) -> None:
+    """Refuse a grid/npz ``out`` that was sampled with other settings or not by ``atdiff sample``."""
+    previous = read_record(out)
+    if previous is None:
+        raise UsageError(f"{out} exists and was not written by `atdiff sample`; use a new --out")
+    check_same_settings(out, previous, record)
 
 
 def load_pipeline(pipeline_dir: Path, scheduler: str | None, device: str) -> ImageDiffusionPipeline:
@@ -220,9 +273,10 @@ def sample_into_folder(
             pipe.check_class_labels(torch.tensor(settings.class_labels))
     except ValueError as err:
         raise UsageError(str(err)) from None
-    claim_folder(folder, settings)
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
-    return fill_folder(pipe, folder, settings, num_images, batch_size)
+    with writing_to(folder, OUTPUT_FIX):
+        claim_folder(folder, settings)
+        return fill_folder(pipe, folder, settings, num_images, batch_size)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -231,11 +285,6 @@ def run(args: argparse.Namespace) -> int:
     pipeline_dir, out = Path(args.pipeline_dir), Path(args.out)
     check_pipeline_dir(pipeline_dir)
     kind = output_kind(out)
-    if kind != "dir" and out.exists():
-        print(f"{out} exists; nothing to sample (delete it to sample again)")
-        return 0
-    folder = out if kind == "dir" else out.with_name(out.name + ".partial")
-
     settings = SamplingSettings(
         pipeline=str(pipeline_dir.resolve()),
         scheduler=args.scheduler,
@@ -244,16 +293,25 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         class_labels=args.class_labels,
     )
+    record = {**asdict(settings), "num_images": args.num_images}
+    if kind != "dir" and out.exists():
+        check_existing_file(out, record)
+        print(f"{out} already holds these {args.num_images} images; nothing to sample")
+        return 0
+    check_writable(out)
+    folder = out if kind == "dir" else out.with_name(out.name + ".partial")
+
     pipe = load_pipeline(pipeline_dir, args.scheduler, args.device)
     sampled, seconds = sample_into_folder(pipe, folder, settings, args.num_images, args.batch_size)
 
     if kind != "dir":
         images = read_images(folder, args.num_images)
-        if kind == "grid":
-            write_grid(images, out)
-        else:
-            labels = labels_of(list(range(args.num_images)), settings.class_labels, pipe.num_classes)
-            write_npz(images, None if labels is None else np.array(labels, dtype=np.int64), out)
+        with writing_to(out, OUTPUT_FIX):
+            if kind == "grid":
+                write_grid(images, out, record)
+            else:
+                labels = labels_of(list(range(args.num_images)), settings.class_labels, pipe.num_classes)
+                write_npz(images, None if labels is None else np.array(labels, dtype=np.int64), out, record)
         shutil.rmtree(folder)
     if sampled:
         print(f"sampled {sampled} images in {seconds:.1f} s: {sampled / seconds:.2f} images/s -> {out}")

@@ -15,11 +15,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .schedulers import check_scheduler_fits, prediction_type_of
+from .trust import check_no_code_from_folder
 
 # diffusers resolves a plain `_class_name` in model_index.json only among its own classes, so a folder
 # names its class as ["pipeline", "ImageDiffusionPipeline"] and ships this one-line module: diffusers'
-# documented way to load a pipeline class it does not define. diffusers 0.42 runs a folder's module only
-# with `trust_remote_code=True`; this one just imports atdiff, which must be installed.
+# documented way to load a pipeline class it does not define, for users who call
+# `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`. atdiff itself never imports it.
 PIPELINE_MODULE = "pipeline"
 PIPELINE_MODULE_SOURCE = (
     "# Written by atdiff: lets DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) find the\n"
@@ -82,13 +83,27 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ImageDiffusionPipeline":
-        """``DiffusionPipeline.from_pretrained``; a local folder whose ``pipeline.py`` is the one atdiff writes
-        loads without ``trust_remote_code``, since running it only imports this class."""
-        module = Path(pretrained_model_name_or_path) / f"{PIPELINE_MODULE}.py"
-        if module.is_file() and module.read_text() == PIPELINE_MODULE_SOURCE:
-            kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs
+    ) -> "ImageDiffusionPipeline":
+        """``DiffusionPipeline.from_pretrained`` that runs no code from the folder: its ``pipeline.py`` is never
+        imported (this class is what it would import), and unless ``trust_remote_code=True`` every component
+        comes from the installed ``atdiff`` or ``diffusers``: anything else is refused."""
+        if not trust_remote_code:
+            check_no_code_from_folder(pretrained_model_name_or_path, cls)
+        return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``ConfigMixin.load_config``, with ``_class_name: [module, cls.__name__]`` read as plain ``cls.__name__``:
+        diffusers imports the named module whenever the folder has it, even when called on the very class
+        that module would give, while a plain name makes it use ``cls`` itself."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        class_name = config.get("_class_name")
+        if isinstance(class_name, list) and class_name[1:] == [cls.__name__]:
+            config["_class_name"] = cls.__name__
+        return loaded
 
     # -------------------------------------------------------------------------------------------
     # Sampling

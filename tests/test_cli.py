@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
-from atdiff.cli import main
+import pytest
+
+from atdiff.cli import main, parse_args
 
 
 def test_info_lists_every_mixer(capsys):
@@ -29,3 +31,25 @@ def test_unknown_command_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "atdiff", "trian"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice: 'trian'" in proc.stderr and "train" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["train", "--config", "c.yaml", "training.seed=1", "--max-steps", "3", "model.depth=2"], ("max_steps", 3)),
+        (["info", "training.seed=1", "--batch-size", "1", "model.depth=2"], ("batch_size", 1)),
+        (["compare", "a.yaml", "training.seed=1", "--out", "o", "b.yaml", "model.depth=2"], ("out", "o")),
+    ],
+)
+def test_overrides_and_flags_in_any_order(argv, flag):
+    args = parse_args(argv)
+    positional = args.entries if args.command == "compare" else args.overrides
+    assert [p for p in positional if "=" in p] == ["training.seed=1", "model.depth=2"]
+    assert getattr(args, flag[0]) == flag[1]
+
+
+def test_override_after_a_flag_takes_effect(capsys):
+    argv = ["info", "model.size=XS/4", "--batch-size", "1", "model.token_mixer=hybrid", "--repeats", "1", "model.num_heads=0"]
+    assert main(argv) == 2
+    assert "model: num_heads must be at least 1, got 0" in capsys.readouterr().err
+

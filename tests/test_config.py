@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import yaml
 
 from atdiff import DiTModel, MixerUNet2DModel
 from atdiff.cli import main
-from atdiff.config import ExperimentConfig, build_model, config_from_dict, load_config
+from atdiff.config import RANGES, SECTIONS, ExperimentConfig, build_model, config_from_dict, load_config
 from atdiff.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,7 +64,7 @@ def test_round_trip_through_to_dict():
         ({**MINIMAL, "trainer": {}}, ["'trainer'", "training"]),
         ({**MINIMAL, "training": {"mixed_precision": "fp8"}}, ["training.mixed_precision", "'bf16'"]),
         ({**MINIMAL, "training": {"max_steps": "many"}}, ["training.max_steps", "int"]),
-        ({**MINIMAL, "training": {"max_steps": 0}}, ["training.max_steps", "positive"]),
+        ({**MINIMAL, "training": {"max_steps": 0}}, ["training.max_steps", "at least 1"]),
         ({**MINIMAL, "training": {"lr_scheduler": "cosine_annealing"}}, ["training.lr_scheduler", "cosine"]),
         ({**MINIMAL, "training": {"log_with": "tensorbored"}}, ["training.log_with", "tensorboard"]),
         ({**MINIMAL, "training": {"batch_size": 10, "gradient_accumulation_steps": 4}}, ["training.batch_size", "gradient_accumulation_steps"]),
@@ -113,10 +115,83 @@ def test_build_model_dit_and_unet():
     assert isinstance(unet, MixerUNet2DModel) and unet.config.token_mixer == "atconv"
 
 
-def test_model_constructor_errors_become_usage_errors():
-    cfg = config_from_dict({**MINIMAL, "model": {**MINIMAL["model"], "hidden_size": 100, "num_heads": 3, "token_mixer": "attention"}})
-    with pytest.raises(UsageError, match="model"):
-        build_model(cfg.model)
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("hidden_size", 100, "not divisible by num_heads"),  # with num_heads 3 and attention
+        ("hidden_size", -1, "hidden_size must be at least 1"),
+        ("num_heads", 0, "num_heads must be at least 1"),
+        ("patch_size", 0, "patch_size must be at least 1"),
+        ("depth", 0, "depth must be at least 1"),
+        ("mlp_ratio", -1, "mlp_ratio must be positive"),
+        ("class_dropout_prob", 2, "class_dropout_prob must be in [0, 1]"),
+        ("num_classes", -1, "num_classes must be 0"),
+    ],
+)
+def test_model_constructor_errors_are_found_at_load(key, value, needle):
+    raw = {**MINIMAL, "model": {**MINIMAL["model"], "token_mixer": "attention", key: value}}
+    assert error(raw).startswith("model: ") and needle in error(raw)
+
+
+def test_unet_constructor_errors_are_found_at_load():
+    assert "model: " in error({"model": {"type": "unet", "in_channels": 1, "block_out_channels": [-4, 8]}})
+
+
+# ------------------------------------------------------------------------------------------------
+# Ranges of the numeric keys
+# ------------------------------------------------------------------------------------------------
+
+
+def numeric_keys() -> list[str]:
+    keys = []
+    for section in SECTIONS:
+        cls = type(getattr(ExperimentConfig(), section))
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls)
+            keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls) if {int, float} & set(typing.get_args(hints[f.name]) or [hints[f.name]])]
+    return keys
+
+
+def test_every_numeric_key_has_a_range():
+    assert set(numeric_keys()) - set(RANGES) == {"data.channels"}  # a choice of 1, 3 or null, tested above
+
+
+BAD_VALUES = [
+    ("training.learning_rate", -1), ("training.learning_rate", 0), ("training.learning_rate", float("inf")),
+    ("training.weight_decay", -1), ("training.adam_beta1", 2), ("training.adam_beta1", 1), ("training.adam_beta2", -0.1),
+    ("training.max_grad_norm", -1), ("training.max_grad_norm", 0), ("training.ema_decay", 1.5), ("training.ema_power", 0),
+    ("training.seed", -1), ("training.max_steps", 0), ("training.batch_size", 0), ("training.gradient_accumulation_steps", 0),
+    ("training.lr_warmup_steps", -1), ("training.sample_every", -1), ("training.checkpoint_every", -5),
+    ("training.num_sample_images", 0), ("training.checkpoints_total_limit", 0), ("training.log_every", 0),
+    ("objective.num_train_timesteps", 0), ("data.resolution", -32), ("data.num_workers", -1),
+    ("sampling.num_inference_steps", 0), ("sampling.guidance_scale", float("nan")),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_VALUES, ids=lambda v: str(v))
+def test_out_of_range_value_names_the_key_and_range(key, value):
+    section, name = key.split(".")
+    message = error({**MINIMAL, section: {name: value}})
+    assert message.startswith(f"{key} must be ") and message.endswith((f"got {value}", f"got {float(value)}"))
+
+
+def test_every_range_is_tested():
+    assert {key for key, _ in BAD_VALUES} == set(RANGES)
+
+
+def test_null_means_off_where_documented():
+    cfg = config_from_dict({**MINIMAL, "training": {"max_grad_norm": None, "checkpoints_total_limit": None}})
+    assert cfg.training.max_grad_norm is None
+    assert "(or null: no clipping)" in error({**MINIMAL, "training": {"max_grad_norm": -1}})
+
+
+@pytest.mark.parametrize("override", ["training.learning_rate=-1", "training.adam_beta1=2", "training.max_grad_norm=-1"])
+def test_cli_bad_value_is_one_line_exit_2_before_any_work(tmp_path, capsys, override):
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(write(tmp_path, MINIMAL)), "--output-dir", str(out), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"atdiff train: error: {override.split('=')[0]} must be") and len(err.splitlines()) == 1
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------

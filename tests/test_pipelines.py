@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from diffusers import (
@@ -76,12 +79,52 @@ def test_atdiff_class_loads_its_folder_without_flags(saved):
     torch.testing.assert_close(sample(loaded), sample(pipe))
 
 
-def test_edited_pipeline_module_is_not_trusted(saved, tmp_path):
-    _, folder = saved
+def tampered_copy(folder, tmp_path, library: str = "evil"):
+    """A copy of ``folder`` whose model_index.json makes diffusers import ``model/<library>.py``, and whose
+    pipeline.py and that module would each write a marker file; returns (copy, markers)."""
+    copy = tmp_path / "tampered"
+    shutil.copytree(folder, copy)
+    markers = [tmp_path / "pipeline-ran", tmp_path / "component-ran"]
+    (copy / "pipeline.py").write_text(f"open({str(markers[0])!r}, 'w').close()\n" + (copy / "pipeline.py").read_text())
+    (copy / "model" / f"{library}.py").write_text(f"open({str(markers[1])!r}, 'w').close()\nfrom atdiff import DiTModel\n")
+    index = json.loads((copy / "model_index.json").read_text())
+    index["model"] = [library, "DiTModel"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy, markers
+
+
+@pytest.mark.parametrize("library", ["evil", "atdiff.models.dit"])
+def test_tampered_folder_runs_no_code(saved, tmp_path, library):
+    copy, markers = tampered_copy(saved[1], tmp_path, library)
+    with pytest.raises(ValueError, match="atdiff runs no code from a pipeline folder"):
+        ImageDiffusionPipeline.from_pretrained(copy)
+    with pytest.raises(ValueError, match="trust_remote_code"):  # diffusers' own refusal
+        DiffusionPipeline.from_pretrained(copy)
+    assert not any(marker.exists() for marker in markers)
+
+
+def test_edited_pipeline_module_is_never_imported(saved, tmp_path):
+    pipe, folder = saved
+    copy, markers = tampered_copy(folder, tmp_path)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "model": ["atdiff.models.dit", "DiTModel"]}))
+    loaded = ImageDiffusionPipeline.from_pretrained(copy)
+    assert type(loaded) is ImageDiffusionPipeline and not any(marker.exists() for marker in markers)
+    torch.testing.assert_close(sample(loaded), sample(pipe))
+
+
+def test_trust_remote_code_is_the_callers_choice(saved, tmp_path):
+    copy, markers = tampered_copy(saved[1], tmp_path, library="trusted_by_caller")
+    DiffusionPipeline.from_pretrained(copy, trust_remote_code=True)
+    assert all(marker.exists() for marker in markers)  # the markers do detect execution
+
+
+def test_component_library_other_than_atdiff_or_diffusers_is_refused(saved, tmp_path):
     copy = tmp_path / "copy"
-    ImageDiffusionPipeline.from_pretrained(folder).save_pretrained(copy)
-    (copy / "pipeline.py").write_text("raise SystemExit('arbitrary code ran')\n")
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    shutil.copytree(saved[1], copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "model": ["os", "DiTModel"]}))
+    with pytest.raises(ValueError, match="component 'model' comes from 'os'; atdiff loads components only from atdiff and diffusers"):
         ImageDiffusionPipeline.from_pretrained(copy)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ from PIL import Image
 from atdiff import DiTModel
 from atdiff.cli import main
 from atdiff.pipelines import ImageDiffusionPipeline
-from test_pipelines import tiny_dit
+from test_pipelines import tampered_copy, tiny_dit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +112,41 @@ def test_grid_png(ddpm_dir, tmp_path):
     assert not (tmp_path / "grid.png.partial").exists()
 
 
+def test_jpeg_grid(ddpm_dir, tmp_path):
+    out = tmp_path / "grid.jpg"
+    assert sample(ddpm_dir, out, "--num-images", "4") == 0
+    with Image.open(out) as grid:
+        assert grid.format == "JPEG" and grid.size == (2 * 10 + 2, 2 * 10 + 2)
+    assert not (tmp_path / "grid.jpg.partial").exists()
+
+
+@pytest.mark.parametrize("name", ["grid.png", "grid.jpg", "samples.npz"])
+def test_grid_or_npz_of_other_settings_is_refused(ddpm_dir, tmp_path, capsys, name):
+    out = tmp_path / name
+    assert sample(ddpm_dir, out, "--num-images", "2", "--seed", "1") == 0
+    written = out.read_bytes()
+    assert sample(ddpm_dir, out, "--num-images", "2", "--seed", "1") == 0
+    assert "already holds these 2 images; nothing to sample" in capsys.readouterr().out
+    assert sample(ddpm_dir, out, "--num-images", "2", "--seed", "2") == 2
+    assert "holds images sampled with other settings (seed: 1 -> 2)" in error_of(capsys)
+    assert sample(ddpm_dir, out, "--num-images", "3", "--seed", "1") == 2
+    assert "(num_images: 2 -> 3)" in error_of(capsys)
+    assert out.read_bytes() == written
+
+
+@pytest.mark.parametrize("name", ["photo.png", "photo.jpg", "data.npz"])
+def test_file_not_written_by_atdiff_sample_is_refused(ddpm_dir, tmp_path, capsys, name):
+    out = tmp_path / name
+    if name.endswith(".npz"):
+        np.savez(out, arr_0=np.zeros((1, 8, 8, 1), np.uint8))
+    else:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(out)
+    written = out.read_bytes()
+    assert sample(ddpm_dir, out, "--num-images", "1") == 2
+    assert "exists and was not written by `atdiff sample`; use a new --out" in error_of(capsys)
+    assert out.read_bytes() == written
+
+
 def test_npz_matches_png_folder_with_labels(ddpm_dir, tmp_path):
     flags = ("--num-images", "4", "--class-labels", "2", "0", "--seed", "7")
     assert sample(ddpm_dir, tmp_path / "a.npz", *flags) == 0
@@ -126,7 +163,7 @@ def test_unconditional_flow_model_npz_has_no_labels(flow_dir, tmp_path):
         out = tmp_path / f"{scheduler}.npz"
         assert sample(flow_dir, out, "--num-images", "2", "--scheduler", scheduler) == 0
         with np.load(out) as data:
-            assert list(data) == ["arr_0"] and data["arr_0"].shape == (2, 8, 8, 1)
+            assert sorted(data) == ["arr_0", "atdiff_sample"] and data["arr_0"].shape == (2, 8, 8, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,6 +204,20 @@ def test_not_a_pipeline_folder(tmp_path, capsys):
     assert "holds a DDPMPipeline, not an atdiff ImageDiffusionPipeline" in error_of(capsys)
 
 
+def test_tampered_pipeline_folder_runs_no_code(ddpm_dir, tmp_path, capsys):
+    copy, markers = tampered_copy(ddpm_dir, tmp_path)
+    assert sample(copy, tmp_path / "x", "--num-images", "1") == 2
+    err = error_of(capsys)
+    assert "component 'model' comes from 'evil'; atdiff loads components only from atdiff and diffusers" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(marker.exists() for marker in markers) and not (tmp_path / "x").exists()
+    # `atdiff fid PIPE` (and compare) load pipelines the same way, before sampling anything.
+    assert main(["fid", str(copy), str(copy), "--num-real", "1", "--num-fake", "1", "--device", "cpu"]) == 2
+    assert "component 'model' comes from 'evil'" in error_of(capsys)
+    assert not any(marker.exists() for marker in markers) and sorted(p.name for p in copy.iterdir()) == [
+        "model", "model_index.json", "pipeline.py", "scheduler"]
+
+
 def test_existing_outputs_are_never_overwritten(ddpm_dir, tmp_path, capsys):
     foreign = tmp_path / "photos"
     foreign.mkdir()
@@ -180,6 +231,46 @@ def test_existing_outputs_are_never_overwritten(ddpm_dir, tmp_path, capsys):
     assert sample(ddpm_dir, out, "--num-images", "2", "--seed", "2") == 2
     assert "other settings (seed: 1 -> 2)" in error_of(capsys)
     assert not (out / "000001.png").exists()
+
+
+def test_unsupported_image_suffix_is_refused(ddpm_dir, tmp_path, capsys):
+    assert sample(ddpm_dir, tmp_path / "grid.webp", "--num-images", "1") == 2
+    assert "a grid is written as .png or .jpg" in error_of(capsys)
+
+
+def test_output_under_a_file_names_the_file(ddpm_dir, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    for out in (blocker / "pngs", blocker / "grid.png"):
+        assert sample(ddpm_dir, out, "--num-images", "1") == 2
+        err = error_of(capsys)
+        assert f"{blocker} is a file, not a folder" in err and len(err.splitlines()) == 1
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders, so there is no error to report")
+def test_read_only_output_folder_is_named(ddpm_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert sample(ddpm_dir, locked / "pngs", "--num-images", "1") == 2
+    assert f"{locked} is not writable" in error_of(capsys)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_write_failure_while_sampling_is_one_line_naming_the_file(ddpm_dir, tmp_path, capsys, monkeypatch, code):
+    """Disk full or a folder turned read-only mid-run (simulated: root ignores permissions and this sandbox's
+    /dev/full accepts writes): one line naming the file, exit 2, the images written so far kept."""
+    out = tmp_path / "pngs"
+    assert sample(ddpm_dir, out, "--num-images", "1") == 0
+
+    def failing_save(image, path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    assert sample(ddpm_dir, out, "--num-images", "2") == 2
+    last_line = error_of(capsys).splitlines()[-1]  # after the pipeline-loading bar
+    assert last_line.startswith(f"atdiff sample: error: cannot write {out / '000001.png.tmp'}: {os.strerror(code)}; free space")
+    assert (out / "000000.png").is_file()
 
 
 def test_bad_counts_and_device(ddpm_dir, tmp_path, capsys):

@@ -116,6 +116,21 @@ class FinalLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
+def check_arguments(*, num_classes: int, class_dropout_prob: float, mlp_ratio: float, **widths: int) -> None:
+    """ValueError naming the first out-of-range argument; without it a bad width surfaces as a shape
+    error deep inside torch (or a division by zero) that names no argument."""
+    for name, value in widths.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be 0 (unconditional) or more, got {num_classes}")
+    if not 0 <= class_dropout_prob <= 1:
+        raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
+
+
+
 class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
     """Class-conditional (or unconditional, ``num_classes=0``) DiT with a switchable token mixer.
 
@@ -146,6 +161,11 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        check_arguments(
+            sample_size=min(height, width), patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob,
+        )
         if height % patch_size or width % patch_size:
             raise ValueError(f"sample_size {height}x{width} is not divisible by patch_size {patch_size}")
         mixers = layer_mixers(token_mixer, depth)
