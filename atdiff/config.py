@@ -82,6 +82,9 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float | None = 1.0  # null: no clipping
+    # Steps whose loss or gradients are not finite are never applied; up to this many over the run
+    # are skipped (each logged), one more stops the run (0: stop at the first).
+    max_skipped_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # EMA decay warms up as 1 - (1 + step)^-ema_power up to ema_decay (diffusers' EMAModel): 3/4
     # suits runs under ~100k steps, 2/3 million-step runs.
@@ -303,6 +306,7 @@ RANGES: dict[str, str] = {
     "training.adam_beta1": "[0, 1)",
     "training.adam_beta2": "[0, 1)",
     "training.max_grad_norm": "(0, inf)",  # 0 would zero every update, a negative norm flips it uphill
+    "training.max_skipped_steps": "[0, inf)",
     "training.ema_decay": "[0, 1]",
     "training.ema_power": "(0, inf)",
     "training.sample_every": "[0, inf)",

@@ -1,14 +1,34 @@
-"""Writing files so that a reader (or a kill) never sees half of one."""
+"""Writing files so that a reader (or a kill) never sees half of one.
+
+Everything atdiff writes on the way to its final name carries ``TEMP_PREFIX``, so that what a
+killed process left behind can be recognised, and removed, without touching anyone else's files.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+TEMP_PREFIX = ".atdiff-tmp-"
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary sibling ``path`` is written as before it is renamed into place."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}")
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename: ``path`` holds either
     its old content or all of the new one."""
-    partial = path.with_name(f".{path.name}.tmp")
+    partial = temp_path(path)
     partial.write_text(text)
     os.replace(partial, path)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -31,7 +31,11 @@ PIPELINE_MODULE_SOURCE = (
 
 def num_classes_of(model: ModelMixin) -> int:
     """Number of classes a denoiser is conditioned on (0: unconditional)."""
-    return getattr(model.config, "num_classes", 0) or 0
+    # DiT-style `num_classes`, or a diffusers UNet's label embedding (`num_class_embeds` without a `class_embed_type`).
+    config = model.config
+    if getattr(config, "class_embed_type", None) is None and getattr(config, "num_class_embeds", None):
+        return config.num_class_embeds
+    return getattr(config, "num_classes", 0) or 0
 
 
 class ImageDiffusionPipeline(DiffusionPipeline):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -24,7 +23,8 @@ from atdiff.cli import main
 from atdiff.config import config_from_dict
 from atdiff.errors import UsageError
 from atdiff.objectives import FlowMatchingObjective
-from atdiff.training import TrainingDiverged, list_checkpoints, train
+from atdiff.files import temp_path
+from atdiff.training import TrainingDiverged, checkpoint, list_checkpoints, train
 
 pytestmark = needs_fashion_mnist
 
@@ -175,27 +175,38 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs (not even `except Exception`)."""
 
 
-def test_a_killed_save_leaves_the_previous_checkpoint(straight, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    original, saves = Accelerator.save_state, []
+def half_written(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
 
-    def dies_while_saving_step_6(self, output_dir=None, **kwargs):
-        saves.append(output_dir)
-        original(self, output_dir, **kwargs)
-        if len(saves) == 2:
-            weights = Path(output_dir) / "model.safetensors"
-            weights.write_bytes(weights.read_bytes()[:100])  # half-written
-            raise Killed
 
-    monkeypatch.setattr(Accelerator, "save_state", dies_while_saving_step_6)
+@pytest.mark.parametrize("killed_in", ["weights", "manifest"])
+def test_a_killed_save_leaves_the_previous_checkpoint(straight, tmp_path, monkeypatch, killed_in):
+    """A kill while writing the weights, or while writing the manifest (the last file), of
+    checkpoint-6 leaves checkpoint-3 as the latest; resuming from it ends as the straight run."""
+    out, calls = tmp_path / "run", []
+    name = {"weights": "save_model", "manifest": "write_atomic"}[killed_in]
+    original = getattr(checkpoint, name)
+
+    def dies_at_step_6(target, payload, **kwargs):
+        calls.append(1)
+        if len(calls) < 2:
+            return original(target, payload, **kwargs)
+        if killed_in == "weights":  # save_model(network, filename): half the file is on disk
+            original(target, payload, **kwargs)
+            half_written(Path(payload))
+        else:  # write_atomic(path, text): half the text in the temporary file, not yet renamed
+            temp_path(target).write_text(payload[: len(payload) // 2])
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, name, dies_at_step_6)
     with pytest.raises(Killed):
         train(tiny(out))
     assert [step for step, _ in list_checkpoints(out)] == [3]
-    assert (out / ".checkpoint-6.tmp").is_dir()
+    assert (out / ".atdiff-tmp-checkpoint-6").is_dir()
 
     monkeypatch.undo()
     train(tiny(out), resume="latest")
-    assert not (out / ".checkpoint-6.tmp").exists()
+    assert not (out / ".atdiff-tmp-checkpoint-6").exists()
     assert_same_run(straight[0], out)
 
 
@@ -252,5 +263,5 @@ def test_two_processes_over_gloo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     stats = json.loads((out / "training_stats.json").read_text())
     assert stats["num_processes"] == 2 and stats["images_seen"] == 32
-    assert sorted(p.name for p in (out / "checkpoint-4").glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("rng-*")) == ["rng-0.safetensors", "rng-1.safetensors"]
     assert (out / "model_index.json").is_file() and [s for s, _ in list_checkpoints(out)] == [2, 4]

@@ -1,30 +1,88 @@
-"""Checkpoint folders of a run: ``output_dir/checkpoint-<step>/``, listed, found, saved, loaded.
+"""Checkpoints of a run, ``output_dir/checkpoint-<step>/``, in a format atdiff owns.
 
-A checkpoint is an ``accelerator.save_state`` folder written under a temporary name and renamed
-once complete, so a kill during saving leaves the previous checkpoint as the latest.
+A checkpoint folder holds::
+
+    model.safetensors        the bare model's weights
+    ema.safetensors          EMAModel.state_dict()            tensor trees (``tensor_tree``): tensors
+    optimizer.safetensors    optimizer.state_dict()           in safetensors, structure as JSON in
+    scheduler.safetensors    LR scheduler state_dict()        the file's metadata
+    scaler.safetensors       fp16 GradScaler state (only when there is one)
+    rng-<rank>.safetensors   python, numpy, torch and CUDA RNG states of each process
+    progress.json            step, images drawn (the data position), skipped steps
+    manifest.json            written last: each file above with its size and sha256
+
+Nothing in it is unpickled (Accelerate's ``save_state`` pickles RNG and custom states and loads
+them with ``weights_only=False``). It is written as ``.atdiff-tmp-checkpoint-<step>`` and renamed
+once its manifest is in, so a kill leaves either no checkpoint or a complete one; a folder whose
+files do not match its manifest (bit rot, a truncated copy, tampering) fails ``verify`` and is
+never loaded.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_model, save_model
 
 from ..config import build_model, load_config
 from ..errors import UsageError
+from ..files import sha256_of, temp_path, write_atomic
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline
+from .tensor_tree import load_tree, os_errors, save_tree
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+FORMAT, VERSION = "atdiff-checkpoint", 1
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+REQUIRED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "scheduler.safetensors", PROGRESS, "rng-0.safetensors")
+ABANDONED = "abandoned"  # where checkpoints of an abandoned line of a run are moved
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder that fails verification (the message says why); it is never loaded."""
+
+
+@dataclass
+class TrainingState:
+    """The live objects a checkpoint saves and restores in place."""
+
+    network: torch.nn.Module  # the bare model (not the DDP wrapper)
+    ema: EMAModel
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+
+
+@dataclass
+class Progress:
+    """Where the run is. The data position is the number of images drawn, over all processes
+    (``atdiff.data.batch_stream`` starts at any batch of the shuffled order)."""
+
+    step: int = 0
+    images_seen: int = 0
+    skipped_steps: int = 0  # non-finite steps skipped so far (training.max_skipped_steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding
+# ------------------------------------------------------------------------------------------------
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (partial ones have a temporary name), oldest first."""
+    """Checkpoint folders (partial ones have a temporary name), oldest first; not yet verified."""
     if not output_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_NAME.fullmatch(p.name))]
@@ -35,58 +93,203 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
-def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint ``--resume`` names: the newest in ``output_dir`` for ``latest`` (None when
-    there is none yet, so one command both starts and continues a run), or a checkpoint folder."""
+def find_checkpoint(output_dir: Path, resume: str | None, verbose: bool = True) -> Path | None:
+    """The verified checkpoint ``--resume`` names: for ``latest`` the newest in ``output_dir`` that
+    verifies (None when there is none yet, so one command both starts and continues a run), else
+    the checkpoint folder given, which must verify. ``verbose``: say what was skipped (main process)."""
     if resume is None:
         return None
     if resume == "latest":
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
-            print(f"--resume latest: {output_dir} has no checkpoint yet; starting from scratch", flush=True)
-        return checkpoints[-1][1] if checkpoints else None
+            if verbose:
+                print(f"--resume latest: {output_dir} has no checkpoint yet; starting from scratch", flush=True)
+            return None
+        for _, path in reversed(checkpoints):
+            try:
+                verify(path)
+                return path
+            except CheckpointError as err:
+                if verbose:
+                    print(f"--resume latest: skipping {path}: {err}", file=sys.stderr, flush=True)
+        raise UsageError(
+            f"--resume latest: no checkpoint in {output_dir} passes verification (see above); "
+            f"resume from a copy with --resume PATH, or start a new run in another --output-dir"
+        )
     path = Path(resume)
-    if not (path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name) and any(path.glob("model*.safetensors"))):
+    if not (path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name)):
         raise UsageError(f"--resume: {resume!r} is not a checkpoint-<step> folder; pass one, or 'latest'")
+    try:
+        verify(path)
+    except CheckpointError as err:
+        raise UsageError(f"--resume {resume}: {err}; pass another checkpoint, or 'latest'") from None
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int | None) -> Path:
-    """``accelerator.save_state`` into ``.checkpoint-<step>.tmp``, renamed once complete; then
-    keep the newest ``keep`` (all with None). Pruning happens after the rename, so a kill at
-    any point leaves at least one complete checkpoint."""
+def verify(path: Path) -> None:
+    """Raise CheckpointError unless every file ``manifest.json`` lists is there with its size and sha256."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no {MANIFEST} (incomplete, or written by an older atdiff)") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"unreadable {MANIFEST} ({err})") from None
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("files"), dict)):
+        raise CheckpointError(f"{MANIFEST} is not an {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"format version {manifest.get('version')!r}; this atdiff reads version {VERSION}")
+    if manifest.get("step") != checkpoint_step(path):
+        raise CheckpointError(f"{MANIFEST} is for step {manifest.get('step')!r}, not {checkpoint_step(path)}")
+    files = manifest["files"]
+    if missing := [name for name in REQUIRED if name not in files]:
+        raise CheckpointError(f"{MANIFEST} lists no {missing[0]}")
+    for name, expected in files.items():
+        file = path / name
+        if Path(name).name != name or name.startswith(".") or not isinstance(expected, dict):  # only files beside it
+            raise CheckpointError(f"{MANIFEST} has a malformed entry {name!r}")
+        if not file.is_file():
+            raise CheckpointError(f"{name} is missing")
+        if file.stat().st_size != expected.get("size"):
+            raise CheckpointError(f"{name} has {file.stat().st_size} bytes, {MANIFEST} says {expected.get('size')} (truncated?)")
+        if sha256_of(file) != expected.get("sha256"):
+            raise CheckpointError(f"{name} does not match its sha256 in {MANIFEST} (corrupted or modified)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingState, progress: Progress, keep: int | None) -> Path:
+    """Write ``checkpoint-<step>`` (every process its RNG states, the main process the rest), then
+    keep the newest ``keep`` (all with None). Pruning happens after the rename, so a kill at any
+    point leaves at least one complete checkpoint."""
     acc = accelerator
-    final = output_dir / f"checkpoint-{step}"
-    partial = output_dir / f".checkpoint-{step}.tmp"
+    final = output_dir / f"checkpoint-{progress.step}"
+    partial = temp_path(final)
     if acc.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(partial))  # every process writes its own RNG state
+        partial.mkdir()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        if final.exists():  # from an earlier attempt at this run (resumed from an older checkpoint)
-            shutil.rmtree(final)
+        with os_errors(partial / "model.safetensors"):
+            save_model(state.network, str(partial / "model.safetensors"))
+        save_tree(partial / "ema.safetensors", state.ema.state_dict())
+        save_tree(partial / "optimizer.safetensors", state.optimizer.state_dict())
+        save_tree(partial / "scheduler.safetensors", state.lr_scheduler.state_dict())
+        if state.scaler is not None:
+            save_tree(partial / "scaler.safetensors", state.scaler.state_dict())
+        (partial / PROGRESS).write_text(json.dumps(asdict(progress), indent=2) + "\n")
+    save_tree(partial / f"rng-{acc.process_index}.safetensors", rng_states())
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_manifest(partial, progress.step)
+        if final.exists():  # left by another line of this run; never silently replaced
+            move_aside(final)
         os.replace(partial, final)
         for _, old in list_checkpoints(output_dir)[:-keep] if keep else []:
             shutil.rmtree(old)
+    acc.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> int:
-    """Restore everything registered with ``accelerator`` from ``checkpoint``; returns its step."""
-    accelerator.load_state(str(checkpoint))
-    return checkpoint_step(checkpoint)
+def write_manifest(folder: Path, step: int) -> None:
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def rng_states() -> dict:
+    """This process's global RNGs (those the loop draws from: noise, timesteps, flips, dropout)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingState) -> Progress:
+    """Restore ``state`` and this process's RNGs from a verified checkpoint. (Accelerate's own
+    micro-step counter needs no restoring: checkpoints fall on optimizer steps, where it is 0 modulo
+    the accumulation steps, the only thing it is used for.)"""
+    try:
+        load_model(state.network, str(checkpoint / "model.safetensors"))
+        state.ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
+        state.optimizer.load_state_dict(load_tree(checkpoint / "optimizer.safetensors"))
+        state.lr_scheduler.load_state_dict(load_tree(checkpoint / "scheduler.safetensors"))
+        if state.scaler is not None and (checkpoint / "scaler.safetensors").is_file():
+            state.scaler.load_state_dict(load_tree(checkpoint / "scaler.safetensors"))
+        progress = Progress(**json.loads((checkpoint / PROGRESS).read_text()))
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # verified, so a model or optimizer that differs
+        first_line = str(err).strip().splitlines()[0]
+        raise UsageError(f"--resume {checkpoint}: does not fit this model and optimizer ({first_line})") from None
+    rng_file = checkpoint / f"rng-{accelerator.process_index}.safetensors"
+    if rng_file.is_file():
+        set_rng_states(load_tree(rng_file))
+    else:  # resumed on more processes than saved it: the new ones keep their fresh seeds
+        print(f"{checkpoint} has no RNG state for process {accelerator.process_index}; it keeps its seed", file=sys.stderr)
+    return progress
+
+
+# ------------------------------------------------------------------------------------------------
+# Lineage
+# ------------------------------------------------------------------------------------------------
+
+
+def make_head(output_dir: Path, step: int) -> None:
+    """Resuming from ``step``: move the run's later checkpoints aside, so that ``--resume latest``
+    never picks a checkpoint of the abandoned line."""
+    for later_step, path in list_checkpoints(output_dir):
+        if later_step > step:
+            moved = move_aside(path)
+            print(f"resuming from step {step}: moved the later {path.name} to {moved}", file=sys.stderr, flush=True)
+
+
+def move_aside(path: Path) -> Path:
+    """Move a checkpoint to ``output_dir/abandoned/atdiff-<UTC time>/``, keeping its name, so that it
+    can still be resumed with ``--resume PATH``."""
+    stamp, n = time.strftime("%Y%m%dT%H%M%S", time.gmtime()), 0
+    while (target := path.parent / ABANDONED / f"atdiff-{stamp}{f'-{n}' if n else ''}" / path.name).exists():
+        n += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    return target
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading one part
+# ------------------------------------------------------------------------------------------------
 
 
 def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
-    """The pipeline of a run's EMA weights as they were at ``checkpoint`` (for FID over training).
-
-    Rebuilds the model from the run's ``config.yaml`` and copies in the EMA parameters that
-    ``save_state`` stored (the EMA is the first object registered for checkpointing).
-    """
+    """The pipeline of a run's EMA weights as they were at ``checkpoint`` (for FID over training),
+    rebuilt from the run's ``config.yaml``."""
+    try:
+        verify(checkpoint)
+    except CheckpointError as err:
+        raise UsageError(f"{checkpoint}: {err}") from None
     cfg = load_config(checkpoint.parent / "config.yaml")
     model = build_model(cfg.model)
     ema = EMAModel(model.parameters())
-    ema.load_state_dict(torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=True))
+    ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
     ema.copy_to(model.parameters())
     return ImageDiffusionPipeline(model=model.eval(), scheduler=build_objective(cfg.objective).make_scheduler())

@@ -1,15 +1,19 @@
 """The Accelerate training loop.
 
-One process or many (``accelerate launch -m atdiff train ...``; DeepSpeed/FSDP through Accelerate's
-config). The loop knows nothing about the network or the objective: it gets a model, an objective
-(``objective.loss(model, x0, labels)``) and a stream of batches, and adds AdamW with warm-up,
-clipping, accumulation, mixed precision, EMA, sample grids, trackers and checkpoints.
+One process or many (``accelerate launch -m atdiff train ...``, DDP; DeepSpeed and FSDP are
+refused, see ``refuse_sharded_training``). The loop knows nothing about the network or the
+objective: ``train`` builds the parts and hands the ``Trainer`` a model, an objective
+(``objective.loss(model, x0, labels)``), a stream of batches and three narrow facts about the
+model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
+precision, EMA, sample grids, trackers and checkpoints.
 
-Crash safety: checkpoints (``atdiff.training.checkpoint``) are written under a temporary name and
-renamed, so a kill during saving leaves the previous checkpoint as the latest. Resuming restores
-model, optimizer, LR schedule, EMA and every RNG, and the data order is a function of the step (``atdiff.data.batch_stream``), so on the CPU a resumed run ends with exactly
-the weights of one that never stopped. A non-finite loss stops the run, keeping the last good
-checkpoint; Ctrl-C (or SIGTERM) saves a checkpoint at the end of the current step and exits.
+Crash safety: checkpoints (``atdiff.training.checkpoint``) are complete or absent, verified before
+they are loaded, and saved only when the weights and EMA are finite. Resuming restores model,
+optimizer, LR schedule, EMA, every RNG and the data position (``atdiff.data.batch_stream`` is a
+function of it), so on the CPU a resumed run ends with exactly the weights of one that never
+stopped. A step whose loss or gradients are not finite is not applied: the run stops (or, with
+``training.max_skipped_steps``, skips it). Ctrl-C (or SIGTERM) saves a checkpoint at the end of the
+current step and exits.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ import math
 import os
 import signal
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -38,13 +45,21 @@ from ..errors import UsageError
 from ..files import write_atomic
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline, num_classes_of
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .run_dir import check_output_dir, prepare_output_dir, save_pipeline
+from .checkpoint import Progress, TrainingState, find_checkpoint, load_checkpoint, make_head, save_checkpoint
+from .run_dir import (
+    check_output_dir,
+    check_same_setup,
+    is_output_dir_error,
+    output_dir_error,
+    prepare_output_dir,
+    run_lock,
+    save_pipeline,
+)
 from .timing import StepTimer, peak_memory
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+    """The loss, gradients or weights became NaN or infinite; nothing was saved after the last good checkpoint."""
 
 
 @dataclass
@@ -55,6 +70,20 @@ class TrainingResult:
     losses: list[float] = field(default_factory=list)  # mean loss of each step this session ran
 
 
+@dataclass(frozen=True)
+class ModelInterface:
+    """All the loop knows of the model, besides calling ``objective.loss(model, x0, labels)``."""
+
+    num_classes: int  # 0: unconditional, labels are never passed
+    augment: Callable[[torch.Tensor], torch.Tensor] | None  # applied to each batch of images on the device
+    make_pipeline: Callable[[torch.nn.Module], DiffusionPipeline]  # the bare model -> sample grids, final folder
+
+
+# Accelerate's switches (set by `accelerate launch` from `accelerate config`) for engines that shard
+# the model and optimizer over processes.
+SHARDED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
 # ------------------------------------------------------------------------------------------------
 # Set-up
 # ------------------------------------------------------------------------------------------------
@@ -62,12 +91,37 @@ class TrainingResult:
 
 def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     """Train (or continue, with ``resume="latest"`` or a checkpoint path) the run ``cfg`` describes."""
-    tcfg = cfg.training
-    if tcfg.output_dir is None:
+    if cfg.training.output_dir is None:
         raise UsageError("training.output_dir is not set; pass --output-dir DIR")
-    output_dir = Path(tcfg.output_dir)
-    resume_from = find_checkpoint(output_dir, resume)
-    check_output_dir(output_dir, cfg, resume_from)
+    output_dir = Path(cfg.training.output_dir)
+    check_output_dir(output_dir, resume)
+    refuse_sharded_training()
+    accelerator = make_accelerator(cfg, output_dir)
+    with run_lock(output_dir) if accelerator.is_main_process else nullcontext():
+        accelerator.wait_for_everyone()  # the other processes start once the main one holds the folder
+        try:
+            return start_training(accelerator, cfg, output_dir, resume)
+        except OSError as err:
+            if is_output_dir_error(output_dir, err):
+                raise output_dir_error(output_dir, err) from None
+            raise
+        finally:
+            accelerator.end_training()
+
+
+def refuse_sharded_training() -> None:
+    """DeepSpeed, FSDP and Megatron-LM shard the model and optimizer over processes, while atdiff's
+    checkpoints, EMA and finite checks work on whole tensors: refused until that is built and tested."""
+    for variable, engine in SHARDED_ENGINES.items():
+        if parse_flag_from_env(variable):
+            raise UsageError(
+                f"{engine} is not supported by atdiff train ({variable} is set, e.g. by `accelerate config`); "
+                f"use multi-GPU DDP: `accelerate launch --multi_gpu -m atdiff train ...`"
+            )
+
+
+def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
+    tcfg = cfg.training
     try:
         accelerator = Accelerator(
             # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) where no GPU is
@@ -94,6 +148,15 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
             f"training.batch_size ({tcfg.batch_size}) must split evenly over {accelerator.num_processes} processes "
             f"x {tcfg.gradient_accumulation_steps} accumulation steps; use a multiple of {per_step}"
         )
+    return accelerator
+
+
+def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None) -> TrainingResult:
+    """Build (or resume) everything the loop trains, under the run folder's lock, and run it."""
+    tcfg = cfg.training
+    resume_from = find_checkpoint(output_dir, resume, verbose=accelerator.is_main_process)
+    if resume_from is not None:
+        check_same_setup(resume_from, cfg)
 
     # Same initial weights everywhere (DDP also broadcasts them), then per-process noise streams.
     set_seed(tcfg.seed)
@@ -101,7 +164,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     set_seed(tcfg.seed, device_specific=True)
     objective = build_objective(cfg.objective)
     dataset = load_dataset(cfg.data)
-    check_classes(model, dataset, cfg)
+    interface = model_interface(model, dataset, objective, cfg)
 
     ema = EMAModel(model.parameters(), decay=tcfg.ema_decay, use_ema_warmup=True, power=tcfg.ema_power, foreach=True)
     optimizer = torch.optim.AdamW(
@@ -111,19 +174,26 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.lr_warmup_steps, num_training_steps=tcfg.max_steps
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    accelerator.register_for_checkpointing(ema)
+    state = TrainingState(accelerator.unwrap_model(model), ema, optimizer, lr_scheduler, accelerator.scaler)
 
-    start_step = 0
+    progress = Progress()
     if resume_from is not None:
-        start_step = load_checkpoint(accelerator, resume_from)
-        accelerator.print(f"resumed from {resume_from} (step {start_step})")
+        progress = load_checkpoint(accelerator, resume_from, state)
+        accelerator.print(f"resumed from {resume_from} (step {progress.step})")
     ema.to(accelerator.device)
 
+    micro_batch = tcfg.batch_size // tcfg.gradient_accumulation_steps  # images per micro-step, all processes
+    start, rest = divmod(progress.images_seen, micro_batch)
+    if rest:
+        raise UsageError(
+            f"{resume_from} has seen {progress.images_seen} images, not a whole number of batches of "
+            f"{micro_batch} (training.batch_size / gradient_accumulation_steps); resume with the batch size it was trained with"
+        )
     batches = batch_stream(
         dataset,
-        tcfg.batch_size // per_step,
+        micro_batch // accelerator.num_processes,
         seed=tcfg.seed,
-        start=start_step * tcfg.gradient_accumulation_steps,
+        start=start,
         num_workers=cfg.data.num_workers,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
@@ -131,12 +201,32 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     )
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, cfg)
+        make_head(output_dir, progress.step)
         accelerator.init_trackers("atdiff", config=flat_config(cfg))
-    trainer = Trainer(accelerator, model, objective, optimizer, lr_scheduler, ema, cfg)
-    try:
-        return trainer.fit(batches, start_step)
-    finally:
-        accelerator.end_training()
+    return Trainer(accelerator, model, objective, state, interface, cfg).fit(batches, progress)
+
+
+def model_interface(model: torch.nn.Module, dataset, objective, cfg: ExperimentConfig) -> ModelInterface:
+    """What the loop needs to know of this model, checked against the data before any step."""
+    embed_type = getattr(model.config, "class_embed_type", None)
+    if embed_type is not None:  # a diffusers UNet conditioned on timesteps or vectors, not class labels
+        raise UsageError(
+            f"model.class_embed_type={embed_type!r} is not trainable by atdiff train (it feeds class labels only); "
+            f"leave it unset and set model.num_class_embeds for a class-conditional UNet"
+        )
+    num_classes = num_classes_of(model)
+    found = len(getattr(dataset, "classes", []))
+    if num_classes and num_classes != found:
+        key = "num_classes" if "num_classes" in model.config else "num_class_embeds"
+        raise UsageError(
+            f"the model is conditioned on {num_classes} classes but data ({cfg.data.dataset}) has {found}; "
+            f"set model.{key}={found} (or 0 for an unconditional model)"
+        )
+    return ModelInterface(
+        num_classes=num_classes,
+        augment=random_flip if cfg.data.random_flip else None,
+        make_pipeline=lambda network: ImageDiffusionPipeline(model=network, scheduler=objective.make_scheduler()),
+    )
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -150,70 +240,65 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def check_classes(model: torch.nn.Module, dataset, cfg: ExperimentConfig) -> None:
-    num_classes = num_classes_of(model)
-    found = len(getattr(dataset, "classes", []))
-    if num_classes and num_classes != found:
-        raise UsageError(
-            f"the model is conditioned on {num_classes} classes but data ({cfg.data.dataset}) has {found}; "
-            f"set model.num_classes={found} (or 0 for an unconditional model)"
-        )
-
-
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
 
 
-class Trainer:
-    """The loop and its outputs; everything it trains is built (and resumed) by ``train``."""
+class StepOutcome(NamedTuple):
+    loss: float  # mean over processes and micro-batches
+    grad_norm: float  # before clipping
+    applied: bool  # False: the loss or a gradient was not finite and the update was not made
+    stop: bool  # some process was asked to stop (Ctrl-C, SIGTERM)
 
-    def __init__(self, accelerator: Accelerator, model, objective, optimizer, lr_scheduler, ema: EMAModel, cfg: ExperimentConfig):
+
+class Trainer:
+    """The loop and its outputs; ``train`` builds (and resumes) what it trains.
+
+    Its inputs are narrow on purpose: ``model`` (as prepared by Accelerate) goes only to
+    ``objective.loss``; ``state`` is what checkpoints hold; ``interface`` is all it knows of the
+    model. Additions (evaluation during training, other data) should come in the same way.
+    """
+
+    def __init__(self, accelerator: Accelerator, model, objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig):
         self.accelerator, self.model, self.objective = accelerator, model, objective
-        self.optimizer, self.lr_scheduler, self.ema, self.cfg = optimizer, lr_scheduler, ema, cfg
+        self.state, self.interface, self.cfg = state, interface, cfg
         self.tcfg = cfg.training
         self.output_dir = Path(self.tcfg.output_dir)
-        self.network = accelerator.unwrap_model(model)  # the bare model: EMA, sampling, saving
-        self.conditional = num_classes_of(self.network) > 0
         self.timer = StepTimer(accelerator.device, self.tcfg.profile)
         self.last_checkpoint: Path | None = None
 
-    def fit(self, batches: Iterator, start_step: int) -> TrainingResult:
+    def fit(self, batches: Iterator, progress: Progress) -> TrainingResult:
         acc, tcfg = self.accelerator, self.tcfg
+        start_step = progress.step
         result = TrainingResult(self.output_dir, start_step, interrupted=False)
         bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not acc.is_local_main_process, desc="train", unit="step")
         logged_losses: list[float] = []
         with stop_request() as stop, bar:
             for step in range(start_step + 1, tcfg.max_steps + 1):
-                loss, grad_norm = self.train_step(batches)
-                # One all-reduce per step: the mean loss over processes and whether any was interrupted.
-                flags = torch.stack([loss, torch.tensor(float(stop.requested), device=loss.device)])
-                loss_sum, stops = acc.reduce(flags, "sum").tolist()
-                loss_value = loss_sum / acc.num_processes
+                outcome = self.train_step(batches, stop)
                 self.timer.end_step()
-                if not math.isfinite(loss_value):
-                    where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
-                    raise TrainingDiverged(
-                        f"loss is {loss_value} at step {step}; stopped without saving ({where}). Lower "
-                        f"training.learning_rate or set training.max_grad_norm, then resume with --resume latest."
-                    )
+                progress.step, progress.images_seen = step, progress.images_seen + tcfg.batch_size
+                if outcome.applied:
+                    logged_losses.append(outcome.loss)
+                else:
+                    self.skip_step(progress, outcome)
                 result.step = step
-                result.losses.append(loss_value)
-                logged_losses.append(loss_value)
+                result.losses.append(outcome.loss)
                 bar.update()
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{tcfg.batch_size / self.timer.step_times[-1]:.1f}")
-                if step % tcfg.log_every == 0:
-                    self.log(step, logged_losses, grad_norm)
+                bar.set_postfix(loss=f"{outcome.loss:.4f}", img_s=f"{tcfg.batch_size / self.timer.step_times[-1]:.1f}")
+                if step % tcfg.log_every == 0 and logged_losses:
+                    self.log(step, logged_losses, outcome.grad_norm)
                     logged_losses = []
-                if stops > 0:
+                if outcome.stop:
                     result.interrupted = True
                     break
                 if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
                     self.save_sample_grid(step)
                 if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
-                    self.save_checkpoint(step)
+                    self.save_checkpoint(progress)
         if result.step > start_step and self.last_checkpoint != self.output_dir / f"checkpoint-{result.step}":
-            self.save_checkpoint(result.step)
+            self.save_checkpoint(progress)
         if result.interrupted:
             acc.print(f"interrupted: saved {self.last_checkpoint}; continue with --resume latest")
             return result
@@ -221,51 +306,84 @@ class Trainer:
         self.save_pipeline()
         return result
 
-    def train_step(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean
-        loss (a device tensor) and the gradient norm before clipping (None without clipping)."""
-        acc, timer, tcfg = self.accelerator, self.timer, self.tcfg
+    def train_step(self, batches: Iterator, stop: StopRequest) -> StepOutcome:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches, made only when the
+        loss and gradients are finite on every process."""
+        acc, timer, tcfg, state = self.accelerator, self.timer, self.tcfg, self.state
         timer.start_step()
-        total, grad_norm = 0.0, None
+        total = 0.0
         for _ in range(tcfg.gradient_accumulation_steps):
             with timer.phase("data"):
                 images, labels = next(batches)
                 images = images.to(acc.device, non_blocking=True)
-                labels = labels.to(acc.device, non_blocking=True) if self.conditional else None
-                if self.cfg.data.random_flip:
-                    images = random_flip(images)
-            with acc.accumulate(self.model):
+                labels = labels.to(acc.device, non_blocking=True) if self.interface.num_classes else None
+                if self.interface.augment is not None:
+                    images = self.interface.augment(images)
+            with acc.accumulate(self.model):  # leaves sync_gradients set after the last micro-batch
                 with timer.phase("forward"):
                     loss = self.objective.loss(self.model, images, labels)
                 with timer.phase("backward"):
                     acc.backward(loss)
-                with timer.phase("optimizer"):
-                    if acc.sync_gradients and tcfg.max_grad_norm is not None:
-                        grad_norm = acc.clip_grad_norm_(self.model.parameters(), tcfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
             total = total + loss.detach()
         with timer.phase("optimizer"):
-            self.lr_scheduler.step()
-            self.ema.step(self.network.parameters())
-        return total / tcfg.gradient_accumulation_steps, grad_norm
+            # Clipping at infinity only measures the norm (and scales by exactly 1). A NaN or inf norm
+            # means a gradient that is not finite; with fp16 the GradScaler skips those steps itself.
+            max_norm = math.inf if tcfg.max_grad_norm is None else tcfg.max_grad_norm
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).float()
+            bad_gradients = ~torch.isfinite(grad_norm) if state.scaler is None else torch.zeros((), dtype=torch.bool, device=acc.device)
+            # One all-reduce per step: the loss, whether any process was interrupted or saw non-finite gradients.
+            flags = torch.stack([(total / tcfg.gradient_accumulation_steps).float(), torch.tensor(float(stop.requested), device=acc.device), bad_gradients.float()])
+            loss_sum, stops, bad = acc.reduce(flags, "sum").tolist()
+            loss_value = loss_sum / acc.num_processes
+            applied = bad == 0 and math.isfinite(loss_value)
+            if applied:
+                state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.lr_scheduler.step()  # the schedule is a function of the step, skipped or not
+            if applied:
+                state.ema.step(state.network.parameters())
+        return StepOutcome(loss_value, grad_norm.item(), applied, stops > 0)
 
-    def log(self, step: int, losses: list[float], grad_norm: torch.Tensor | None) -> None:
-        logs = {"train/loss": sum(losses) / len(losses), "train/lr": self.lr_scheduler.get_last_lr()[0],
-                "train/images_per_s": self.tcfg.batch_size / statistics.median(self.timer.step_times[-len(losses):])}
-        if grad_norm is not None:
-            logs["train/grad_norm"] = float(grad_norm)
+    def skip_step(self, progress: Progress, outcome: StepOutcome) -> None:
+        """Count a step whose update was not made; past ``training.max_skipped_steps``, stop."""
+        progress.skipped_steps += 1
+        limit = self.tcfg.max_skipped_steps
+        what = f"loss is {outcome.loss}" if not math.isfinite(outcome.loss) else f"gradient norm is {outcome.grad_norm}"
+        if progress.skipped_steps > limit:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"{what} at step {progress.step}; stopped without saving ({where}). Lower training.learning_rate, "
+                f"set training.max_grad_norm or allow skips with training.max_skipped_steps (now {limit}), then resume with --resume latest."
+            )
+        self.accelerator.print(
+            f"step {progress.step}: {what}; update skipped ({progress.skipped_steps} of training.max_skipped_steps={limit})",
+            file=sys.stderr, flush=True,
+        )
+        self.accelerator.log({"train/skipped_steps": progress.skipped_steps}, step=progress.step)
+
+    def log(self, step: int, losses: list[float], grad_norm: float) -> None:
+        logs = {"train/loss": sum(losses) / len(losses), "train/lr": self.state.lr_scheduler.get_last_lr()[0],
+                "train/images_per_s": self.tcfg.batch_size / statistics.median(self.timer.step_times[-len(losses):]),
+                "train/grad_norm": grad_norm}
         self.accelerator.log(logs, step=step)
 
     # --------------------------------------------------------------------------------------------
     # Outputs
     # --------------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, progress: Progress) -> Path:
+        """Save a checkpoint, only of finite weights: a checkpoint is always one to resume from."""
+        bad = nonfinite_count([*self.state.network.parameters(), *self.state.ema.shadow_params])
+        if bad:
+            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"after step {progress.step}, {bad} weights of the model or its EMA are not finite; stopped without "
+                f"saving ({where}). Lower training.learning_rate or set training.max_grad_norm, then resume with --resume latest."
+            )
         acc = self.accelerator
-        self.last_checkpoint = save_checkpoint(acc, self.output_dir, step, self.tcfg.checkpoints_total_limit)
+        self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit)
         if acc.is_main_process:
-            self.write_stats(step)
+            self.write_stats(progress)
         acc.wait_for_everyone()
         return self.last_checkpoint
 
@@ -273,30 +391,27 @@ class Trainer:
     def ema_weights(self):
         """Run the bare model with its EMA weights, in eval mode, without touching training state
         (the global RNGs are forked: sampling here must not change what training draws next)."""
-        device = self.accelerator.device
+        device, network, ema = self.accelerator.device, self.state.network, self.state.ema
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            self.ema.store(self.network.parameters())
-            self.ema.copy_to(self.network.parameters())
-            self.network.eval()
+            ema.store(network.parameters())
+            ema.copy_to(network.parameters())
+            network.eval()
             try:
-                yield self.network
+                yield network
             finally:
-                self.ema.restore(self.network.parameters())
-                self.network.train()
-
-    def pipeline(self, model) -> ImageDiffusionPipeline:
-        return ImageDiffusionPipeline(model=model, scheduler=self.objective.make_scheduler())
+                ema.restore(network.parameters())
+                network.train()
 
     def save_sample_grid(self, step: int) -> None:
         """A grid of ``num_sample_images`` EMA samples (fixed seed and labels, so grids compare over time)."""
         if self.accelerator.is_main_process:
-            n = self.tcfg.num_sample_images
+            n, num_classes = self.tcfg.num_sample_images, self.interface.num_classes
             with self.ema_weights() as model:
-                pipe = self.pipeline(model)
+                pipe = self.interface.make_pipeline(model)
                 pipe.set_progress_bar_config(disable=True)
                 images = pipe(
                     batch_size=n,
-                    class_labels=torch.arange(n) % num_classes_of(model) if self.conditional else None,
+                    class_labels=torch.arange(n) % num_classes if num_classes else None,
                     num_inference_steps=self.cfg.sampling.num_inference_steps,
                     guidance_scale=self.cfg.sampling.guidance_scale,
                     generator=torch.Generator().manual_seed(self.tcfg.seed),
@@ -311,16 +426,18 @@ class Trainer:
         """Make ``output_dir`` a diffusers pipeline folder with the EMA weights."""
         if self.accelerator.is_main_process:
             with self.ema_weights() as model:
-                save_pipeline(self.output_dir, self.pipeline(model))
+                save_pipeline(self.output_dir, self.interface.make_pipeline(model))
         self.accelerator.wait_for_everyone()
 
-    def write_stats(self, step: int) -> None:
+    def write_stats(self, progress: Progress) -> None:
+        network = self.state.network
         stats = {
-            "steps": step,
-            "images_seen": step * self.tcfg.batch_size,
+            "steps": progress.step,
+            "images_seen": progress.images_seen,
+            "skipped_steps": progress.skipped_steps,
             "batch_size": self.tcfg.batch_size,
-            "params": sum(p.numel() for p in self.network.parameters()),
-            "model": {"class": type(self.network).__name__, "token_mixer": self.network.config.get("token_mixer")},
+            "params": sum(p.numel() for p in network.parameters()),
+            "model": {"class": type(network).__name__, "token_mixer": network.config.get("token_mixer")},
             "device": str(self.accelerator.device),
             "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.tcfg.mixed_precision,
@@ -328,6 +445,10 @@ class Trainer:
             **peak_memory(self.accelerator.device),
         }
         write_atomic(self.output_dir / "training_stats.json", json.dumps(stats, indent=2) + "\n")
+
+
+def nonfinite_count(tensors: list[torch.Tensor]) -> int:
+    return int(torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).sum()) if tensors else 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,32 +1,61 @@
-"""The run folder (``training.output_dir``): checks before training, ``config.yaml``, and the
-final diffusers pipeline folder it becomes."""
+"""The run folder (``training.output_dir``): one run per folder, checked before anything is
+written, locked while training, and made a diffusers pipeline folder at the end.
+
+A run folder is marked by its lock file: atdiff writes only into a new or empty folder or one
+holding that file, and deletes only what it wrote there (``TEMP_PREFIX`` entries, its own old
+checkpoints, the pipeline components it replaces).
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from ..config import ExperimentConfig
 from ..errors import UsageError
-from ..files import write_atomic
+from ..files import TEMP_PREFIX, temp_path, write_atomic
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import list_checkpoints
 
+LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
+PIPELINE_INDEX = "model_index.json"
+# Errors that mean "the output folder cannot take our files", whichever file hit them.
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
-def check_output_dir(output_dir: Path, cfg: ExperimentConfig, resume_from: Path | None) -> None:
-    """Refuse to train over a finished or checkpointed run unless resuming, and refuse to resume
-    with a model, objective or data that differ from the checkpoint's."""
-    if resume_from is None:
-        taken = [p.name for p in (output_dir / "model_index.json", *(p for _, p in list_checkpoints(output_dir))) if p.exists()]
+
+# ------------------------------------------------------------------------------------------------
+# Before training
+# ------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: Path, resume: str | None) -> None:
+    """Refuse, before anything is written, a file, a folder holding something else than an atdiff
+    run, and a run that already has checkpoints or a pipeline unless resuming it."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"training.output_dir {output_dir} is a file, not a folder; pass a folder with --output-dir")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / LOCK_NAME).exists():
+        raise UsageError(
+            f"{output_dir} is not empty and holds no atdiff run (no {LOCK_NAME}); atdiff writes only into "
+            f"new or empty folders: pass another --output-dir"
+        )
+    if resume is None:
+        taken = [p.name for p in (output_dir / PIPELINE_INDEX, *(p for _, p in list_checkpoints(output_dir))) if p.exists()]
         if taken:
             raise UsageError(
                 f"{output_dir} already holds a run ({', '.join(taken[:3])}); continue it with --resume latest "
                 f"or pass another --output-dir"
             )
-        return
+
+
+def check_same_setup(resume_from: Path, cfg: ExperimentConfig) -> None:
+    """Refuse to resume with a model, objective or data that differ from the checkpoint's."""
     saved_config = resume_from.parent / "config.yaml"
     if saved_config.is_file():
         saved, current = yaml.safe_load(saved_config.read_text()), cfg.to_dict()
@@ -40,23 +69,74 @@ def check_output_dir(output_dir: Path, cfg: ExperimentConfig, resume_from: Path 
             raise UsageError(f"{resume_from} was trained with other values of {changed} (see {saved_config}); use the same config to resume")
 
 
+@contextmanager
+def run_lock(output_dir: Path) -> Iterator[None]:
+    """Hold the run folder for one process: an exclusive ``flock`` on its lock file, which the OS
+    releases when the process ends however it ends, so a crash never leaves a stale lock."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise output_dir_error(output_dir, err) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(
+                f"{output_dir} is in use by another atdiff train (PID {holder}); wait for it to end or pass another --output-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def output_dir_error(output_dir: Path, err: OSError) -> UsageError:
+    fix = "free some space, then continue with --resume latest" if err.errno in FULL else "pass a writable --output-dir"
+    return UsageError(f"cannot write to training.output_dir {output_dir} ({err.strerror or err}); {fix}")
+
+
+def is_output_dir_error(output_dir: Path, err: OSError) -> bool:
+    """Whether ``err`` (raised while training) is about the output folder rather than, say, the data."""
+    if err.errno in FULL:
+        return True
+    return err.filename is not None and Path(os.path.abspath(err.filename)).is_relative_to(output_dir.absolute())
+
+
 def prepare_output_dir(output_dir: Path, cfg: ExperimentConfig) -> None:
-    """Create the folder, clear what a run killed while saving left, and record the config."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(".*.tmp"):  # left by a run killed while saving
+    """Clear what an atdiff process killed while writing left here, and record the config."""
+    for stale in output_dir.glob(f"{TEMP_PREFIX}*"):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     write_atomic(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+# ------------------------------------------------------------------------------------------------
+# At the end
+# ------------------------------------------------------------------------------------------------
+
+
 def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
-    """Make ``output_dir`` a diffusers pipeline folder. Written aside and moved in with
-    ``model_index.json`` last, so a folder that has it holds a complete pipeline."""
-    staging = output_dir / ".pipeline.tmp"
+    """Make ``output_dir`` a diffusers pipeline folder. The pipeline is written aside; the old
+    ``model_index.json`` goes first and the new one comes last, so whenever the folder has one,
+    every component it names is complete and of the same pipeline."""
+    staging = temp_path(output_dir / "pipeline")
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging)
-    for entry in sorted(staging.iterdir(), key=lambda p: p.name == "model_index.json"):
+    (output_dir / PIPELINE_INDEX).unlink(missing_ok=True)
+    replaced = []
+    for entry in staging.iterdir():
+        if entry.name == PIPELINE_INDEX:
+            continue
         target = output_dir / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
+        if target.exists():
+            old = temp_path(target)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+            os.replace(target, old)
+            replaced.append(old)
         os.replace(entry, target)
+    os.replace(staging / PIPELINE_INDEX, output_dir / PIPELINE_INDEX)
     staging.rmdir()
+    for old in replaced:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
