@@ -282,7 +282,7 @@ def test_a_read_only_output_dir(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(os, "open", read_only)
     assert main(["train", "--config", str(write_config(tiny(out), tmp_path / "run.yaml"))]) == 2
-    assert f"cannot write to training.output_dir {out} (Permission denied); pass a writable" in one_line_error(capsys)
+    assert f"cannot write to training.output_dir {out} ({out / LOCK_NAME}: Permission denied); pass a writable" in one_line_error(capsys)
     assert list(out.iterdir()) == []
 
 
@@ -299,7 +299,8 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(straight, tmp_path, mo
     monkeypatch.setattr(checkpoint, "save_model", full_at_step_6)
     config = write_config(tiny(out), tmp_path / "run.yaml")
     assert main(["train", "--config", str(config)]) == 2
-    assert f"cannot write to training.output_dir {out} (No space left on device); free some space" in one_line_error(capsys)
+    line = one_line_error(capsys)
+    assert f"cannot write to training.output_dir {out} ({out}/.atdiff-tmp-checkpoint-6/model.safetensors: No space left on device); free some space" in line
     assert [step for step, _ in list_checkpoints(out)] == [3]
     verify(out / "checkpoint-3")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import ExperimentConfig
-from ..errors import UsageError
+from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, temp_path, write_atomic
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import list_checkpoints
@@ -95,7 +95,7 @@ def run_lock(output_dir: Path) -> Iterator[None]:
 
 def output_dir_error(output_dir: Path, err: OSError) -> UsageError:
     fix = "free some space, then continue with --resume latest" if err.errno in FULL else "pass a writable --output-dir"
-    return UsageError(f"cannot write to training.output_dir {output_dir} ({err.strerror or err}); {fix}")
+    return UsageError(f"cannot write to training.output_dir {output_dir} ({os_error_line(err)}); {fix}")
 
 
 def is_output_dir_error(output_dir: Path, err: OSError) -> bool:
