@@ -97,6 +97,40 @@ def test_resume_latest_falls_back_past_a_corrupt_checkpoint(straight, tmp_path, 
     assert_same_run(straight[0], out)
 
 
+KILLED_WRITING_THE_MANIFEST = """
+import os, signal, sys
+from pathlib import Path
+from atdiff.config import load_config
+from atdiff.files import temp_path
+from atdiff.training import checkpoint, train
+
+calls = []
+def write_atomic(path, text):  # the manifest of checkpoint-6: half of it on disk, then SIGKILL
+    calls.append(path)
+    if len(calls) == 2:
+        temp_path(path).write_text(text[: len(text) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.write_atomic.__wrapped__(path, text)
+
+write_atomic.__wrapped__ = checkpoint.write_atomic
+checkpoint.write_atomic = write_atomic
+train(load_config(sys.argv[1]))
+"""
+
+
+def test_kill_9_while_writing_the_manifest_then_resume(straight, tmp_path):
+    """A real SIGKILL (no cleanup runs, the OS drops the lock) in the middle of the manifest."""
+    out = tmp_path / "run"
+    config = write_config(tiny(out), tmp_path / "run.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", KILLED_WRITING_THE_MANIFEST, str(config)], env=env, capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert [step for step, _ in list_checkpoints(out)] == [3]
+    assert (out / ".atdiff-tmp-checkpoint-6" / ".atdiff-tmp-manifest.json").is_file()
+    train(tiny(out), resume="latest")
+    assert_same_run(straight[0], out)
+
+
 def test_resume_from_a_path_that_fails_verification_is_one_line(straight, tmp_path, capsys):
     out = copy_run(straight[0], tmp_path)
     (out / "checkpoint-3" / "ema.safetensors").write_bytes(b"garbage")

@@ -8,6 +8,6 @@
 """
 
 from .checkpoint import list_checkpoints, pipeline_at_checkpoint
-from .loop import Trainer, TrainingDiverged, TrainingResult, train
+from .loop import ModelInterface, Trainer, TrainingDiverged, TrainingResult, train
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingResult", "list_checkpoints", "pipeline_at_checkpoint", "train"]
+__all__ = ["ModelInterface", "Trainer", "TrainingDiverged", "TrainingResult", "list_checkpoints", "pipeline_at_checkpoint", "train"]

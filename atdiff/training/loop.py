@@ -154,6 +154,8 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
 def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None) -> TrainingResult:
     """Build (or resume) everything the loop trains, under the run folder's lock, and run it."""
     tcfg = cfg.training
+    # Every process verifies on its own (reading each file once more) and reaches the same choice,
+    # so a refusal stops them all rather than leaving some waiting for a broadcast.
     resume_from = find_checkpoint(output_dir, resume, verbose=accelerator.is_main_process)
     if resume_from is not None:
         check_same_setup(resume_from, cfg)
@@ -199,6 +201,7 @@ def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: 
         rank=accelerator.process_index,
         pin_memory=accelerator.device.type == "cuda",
     )
+    accelerator.wait_for_everyone()  # every process has read its checkpoint before the folder changes
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, cfg)
         make_head(output_dir, progress.step)
@@ -327,13 +330,15 @@ class Trainer:
             total = total + loss.detach()
         with timer.phase("optimizer"):
             # Clipping at infinity only measures the norm (and scales by exactly 1). A NaN or inf norm
-            # means a gradient that is not finite; with fp16 the GradScaler skips those steps itself.
+            # means a gradient that is not finite, or so large that its norm overflows.
             max_norm = math.inf if tcfg.max_grad_norm is None else tcfg.max_grad_norm
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).float()
-            bad_gradients = ~torch.isfinite(grad_norm) if state.scaler is None else torch.zeros((), dtype=torch.bool, device=acc.device)
-            # One all-reduce per step: the loss, whether any process was interrupted or saw non-finite gradients.
-            flags = torch.stack([(total / tcfg.gradient_accumulation_steps).float(), torch.tensor(float(stop.requested), device=acc.device), bad_gradients.float()])
-            loss_sum, stops, bad = acc.reduce(flags, "sum").tolist()
+            # With fp16 the GradScaler skips steps with non-finite gradients (and lowers its scale) itself.
+            bad_gradients = (~torch.isfinite(grad_norm)).float() * (state.scaler is None)
+            mean_loss = (total / tcfg.gradient_accumulation_steps).float()
+            stopping = torch.tensor(float(stop.requested), device=acc.device)
+            # One all-reduce per step: the loss, whether any process was interrupted or saw bad gradients.
+            loss_sum, stops, bad = acc.reduce(torch.stack([mean_loss, stopping, bad_gradients]), "sum").tolist()
             loss_value = loss_sum / acc.num_processes
             applied = bad == 0 and math.isfinite(loss_value)
             if applied:
