@@ -16,6 +16,7 @@ from typing import Literal, get_args
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -164,20 +165,45 @@ def torchvision_dataset(cls: type, cfg: DataConfig):
         ) from err
 
 
+class UnreadableImage(UsageError):
+    """An image file that does not decode (truncated, not an image); the message names it."""
+
+    @classmethod
+    def from_loader(cls, err: "UnreadableImage") -> "UnreadableImage":
+        # A DataLoader worker re-raises it as UnreadableImage("Caught ... Original Traceback ...: <message>");
+        # the message is the text after the last "UnreadableImage: " (all of it when no worker ran).
+        return cls(str(err).rstrip().rsplit(f"{cls.__name__}: ", 1)[-1])
+
+
+def image_loader(mode: str):
+    """ImageFolder's loader (decode, convert to ``mode``), naming the file when it does not decode."""
+
+    def load(path: str) -> Image.Image:
+        try:
+            with open(path, "rb") as file:
+                return Image.open(file).convert(mode)  # convert decodes the whole image
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise UnreadableImage(f"{path} is not a readable image ({err}); remove or replace it") from None
+
+    return load
+
+
 def image_folder(cfg: DataConfig) -> Dataset:
+    """One class per subfolder (torchvision's ImageFolder). Images of any size are fit to the resolution
+    per ``cfg.resize_mode``; a file that does not decode stops training with its path, when it is first read."""
     from torchvision.datasets import ImageFolder
 
     if cfg.root is None or not Path(cfg.root).expanduser().is_dir():
         raise UsageError(
             f"data.root: imagefolder needs a folder with one subfolder of images per class, got {cfg.root!r}"
         )
-    mode = "L" if cfg.num_channels == 1 else "RGB"
 
-    def transform(image):
-        return to_unit_range(fit_image(TF.pil_to_tensor(image.convert(mode)), cfg))
+    def transform(image: Image.Image) -> torch.Tensor:
+        return to_unit_range(fit_image(TF.pil_to_tensor(image), cfg))
 
+    loader = image_loader("L" if cfg.num_channels == 1 else "RGB")
     try:
-        return ImageFolder(str(Path(cfg.root).expanduser()), transform=transform)
+        return ImageFolder(str(Path(cfg.root).expanduser()), transform=transform, loader=loader)
     except FileNotFoundError as err:
         raise UsageError(f"data.root: {err}") from err
 
@@ -223,5 +249,8 @@ def batch_stream(
     epoch, skip = divmod(start, len(loader))
     while True:
         sampler.set_epoch(epoch)
-        yield from skip_first_batches(loader, skip) if skip else loader
+        try:
+            yield from skip_first_batches(loader, skip) if skip else loader
+        except UnreadableImage as err:
+            raise UnreadableImage.from_loader(err) from None
         epoch, skip = epoch + 1, 0

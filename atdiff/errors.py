@@ -14,7 +14,7 @@ class UsageError(ValueError):
 def os_error_line(err: OSError) -> str:
     """An OSError as one line that names the path: ``cannot write out/x.png: No space left on device``."""
     paths = " -> ".join(os.fspath(p) for p in (err.filename, err.filename2) if p is not None)
-    reason = err.strerror or str(err)
+    reason = " ".join((err.strerror or str(err)).split())  # diffusers' messages span lines
     return f"{paths}: {reason}" if paths else reason
 
 

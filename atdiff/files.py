@@ -6,8 +6,10 @@ killed process left behind can be recognised, and removed, without touching anyo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 TEMP_PREFIX = ".atdiff-tmp-"
@@ -18,12 +20,23 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{path.name}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: ``path`` holds either
-    its old content or all of the new one."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write with any writer; renamed to ``path`` when the block ends,
+    so ``path`` holds either its old content or all of the new one. Removed if the block fails (disk full)."""
     partial = temp_path(path)
-    partial.write_text(text)
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename."""
+    with atomic_path(path) as partial:
+        partial.write_text(text)
 
 
 def sha256_of(path: Path) -> str:

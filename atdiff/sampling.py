@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .errors import UsageError, writing_to
+from .files import atomic_path, write_atomic
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder, read_model_index
 
@@ -128,7 +129,7 @@ def claim_folder(folder: Path, settings: SamplingSettings) -> None:
     elif folder.is_dir() and any(folder.iterdir()):
         raise UsageError(f"{folder} is not empty and was not written by `atdiff sample`; use a new or empty --out")
     folder.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    write_atomic(record, json.dumps(asdict(settings), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -155,9 +156,8 @@ def labels_of(indices: list[int], class_labels: list[int] | None, num_classes: i
 
 def save_png_atomically(image: np.ndarray, path: Path) -> None:
     # A run killed mid-write must not leave a truncated PNG that a resumed run would take as done.
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as partial:
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(partial, format="PNG")
 
 
 def fill_folder(pipe: ImageDiffusionPipeline, folder: Path, settings: SamplingSettings, num_images: int, batch_size: int) -> tuple[int, float]:
@@ -196,23 +196,21 @@ def write_grid(images: np.ndarray, path: Path, record: dict) -> None:
 
     grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))), padding=2)
     image = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    tmp = path.with_name(path.name + ".tmp")
     format = GRID_FORMATS[path.suffix.lower()]
-    if format == "PNG":
-        info = PngInfo()
-        info.add_text(RECORD_KEY, json.dumps(record))
-        image.save(tmp, format=format, pnginfo=info)
-    else:
-        image.save(tmp, format=format, quality=95, comment=json.dumps({RECORD_KEY: record}))
-    os.replace(tmp, path)
+    with atomic_path(path) as partial:
+        if format == "PNG":
+            info = PngInfo()
+            info.add_text(RECORD_KEY, json.dumps(record))
+            image.save(partial, format=format, pnginfo=info)
+        else:
+            image.save(partial, format=format, quality=95, comment=json.dumps({RECORD_KEY: record}))
 
 
 def write_npz(images: np.ndarray, labels: np.ndarray | None, path: Path, record: dict) -> None:
     # The ADM evaluator's layout: uint8 NHWC in arr_0, class labels (if any) in arr_1.
-    tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
-    np.savez(tmp, **arrays, **{RECORD_KEY: np.array(json.dumps(record))})
-    os.replace(tmp, path)
+    with atomic_path(path) as partial, open(partial, "wb") as file:  # a file: np.savez would append .npz to a name
+        np.savez(file, **arrays, **{RECORD_KEY: np.array(json.dumps(record))})
 
 
 def read_record(path: Path) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import shutil
 from pathlib import Path
 from urllib.error import URLError
@@ -95,6 +96,44 @@ def test_image_folder(tmp_path):
     torch.testing.assert_close(image[:, 8, 8], torch.tensor([1.0, -1.0, -1.0]))
     gray = load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path), resolution=16, channels=1))
     assert gray[0][0].shape == (1, 16, 16)
+
+
+def image_folder_with(tmp_path, bad_name: str | None = None, bad_bytes: bytes = b"") -> Path:
+    """Two classes of 4 images of mixed sizes, plus one file ``bad_name`` holding ``bad_bytes``."""
+    for name, size in (("a", (8, 8)), ("b", (12, 10))):
+        (tmp_path / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (size[0] + i, size[1]), 40 * i).save(tmp_path / name / f"{i}.png")
+    if bad_name:
+        (tmp_path / "b" / bad_name).write_bytes(bad_bytes)
+    return tmp_path
+
+
+def test_image_folder_fits_mixed_sizes(tmp_path):
+    for mode in ("pad", "center_crop"):
+        dataset = load_dataset(DataConfig(dataset="imagefolder", root=str(image_folder_with(tmp_path / mode)), resolution=8, resize_mode=mode))
+        images, _ = next(batch_stream(dataset, 8, seed=0))
+        assert images.shape == (8, 3, 8, 8)
+
+
+def truncated_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((16, 16), 64).save(buffer, format="PNG")
+    return buffer.getvalue()[:60]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("name, data", [("cut.png", "truncated"), ("notes.png", b"not an image"), ("empty.jpg", b"")])
+def test_unreadable_image_is_named(tmp_path, name, data, num_workers):
+    root = image_folder_with(tmp_path, name, truncated_png() if data == "truncated" else data)
+    dataset = load_dataset(DataConfig(dataset="imagefolder", root=str(root), resolution=8))
+    stream = batch_stream(dataset, 3, seed=0, num_workers=num_workers)
+    with pytest.raises(UsageError) as info:
+        for _ in range(3):  # one epoch: all 9 files are read
+            next(stream)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'b' / name} is not a readable image (") and message.endswith("; remove or replace it")
+    assert "\n" not in message
 
 
 def test_image_folder_needs_a_folder(tmp_path):

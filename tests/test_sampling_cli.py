@@ -14,6 +14,7 @@ from PIL import Image
 
 from atdiff import DiTModel
 from atdiff.cli import main
+from atdiff.files import temp_path
 from atdiff.pipelines import ImageDiffusionPipeline
 from test_pipelines import tampered_copy, tiny_dit
 
@@ -85,7 +86,7 @@ def test_png_folder_is_filled_resumably(ddpm_dir, tmp_path, capsys):
     # An interrupted run: two images missing, one half-written temporary file.
     (out / "000001.png").unlink()
     (out / "000003.png").unlink()
-    (out / "000003.png.tmp").write_bytes(b"\x89PNG trunc")
+    temp_path(out / "000003.png").write_bytes(b"\x89PNG trunc")
     capsys.readouterr()
     assert sample(ddpm_dir, out, "--num-images", "5", "--batch-size", "4", "--scheduler", "ddpm") == 0
     assert "sampled 2 images" in capsys.readouterr().out
@@ -269,7 +270,7 @@ def test_write_failure_while_sampling_is_one_line_naming_the_file(ddpm_dir, tmp_
     monkeypatch.setattr(Image.Image, "save", failing_save)
     assert sample(ddpm_dir, out, "--num-images", "2") == 2
     last_line = error_of(capsys).splitlines()[-1]  # after the pipeline-loading bar
-    assert last_line.startswith(f"atdiff sample: error: cannot write {out / '000001.png.tmp'}: {os.strerror(code)}; free space")
+    assert last_line.startswith(f"atdiff sample: error: cannot write {out / '.000001.png.tmp'}: {os.strerror(code)}; free space")
     assert (out / "000000.png").is_file()
 
 

@@ -86,6 +86,24 @@ def test_save_load_round_trip_is_bit_exact(token_mixer, tmp_path):
     assert torch.equal(model(x, t).sample, loaded(x, t).sample)
 
 
+def test_stock_class_on_a_swapped_folder_does_what_the_readme_says(tmp_path):
+    """diffusers only warns when UNet2DModel loads a MixerUNet2DModel folder (unused ATConv weights, missing
+    attention weights); the README describes the result, which this test pins."""
+    model = tiny("atconv").eval()
+    model.save_pretrained(tmp_path)
+    attention = {n for n, p in UNet2DModel(**TINY).named_parameters() if ".attentions." in n and "group_norm" not in n}
+
+    default = UNet2DModel.from_pretrained(tmp_path)  # low_cpu_mem_usage=True: never-loaded weights stay on meta
+    assert {n for n, p in default.named_parameters() if p.is_meta} == attention
+    x, t = inputs()
+    with pytest.raises(RuntimeError, match="meta"):
+        default(x, t)
+
+    random_attention = UNet2DModel.from_pretrained(tmp_path, low_cpu_mem_usage=False).eval()
+    assert not any(p.is_meta for p in random_attention.parameters())
+    assert not torch.allclose(random_attention(x, t).sample, model(x, t).sample)
+
+
 def test_pipeline_folder_loads_through_the_atdiff_library(tmp_path):
     """model_index.json names the model ["atdiff", "MixerUNet2DModel"]; diffusers imports atdiff for it."""
     model = tiny("hybrid").eval()
