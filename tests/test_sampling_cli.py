@@ -270,7 +270,7 @@ def test_write_failure_while_sampling_is_one_line_naming_the_file(ddpm_dir, tmp_
     monkeypatch.setattr(Image.Image, "save", failing_save)
     assert sample(ddpm_dir, out, "--num-images", "2") == 2
     last_line = error_of(capsys).splitlines()[-1]  # after the pipeline-loading bar
-    assert last_line.startswith(f"atdiff sample: error: cannot write {out / '.000001.png.tmp'}: {os.strerror(code)}; free space")
+    assert last_line.startswith(f"atdiff sample: error: cannot write {temp_path(out / '000001.png')}: {os.strerror(code)}; free space")
     assert (out / "000000.png").is_file()
 
 
