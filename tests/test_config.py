@@ -159,7 +159,8 @@ def test_every_numeric_key_has_a_range():
 BAD_VALUES = [
     ("training.learning_rate", -1), ("training.learning_rate", 0), ("training.learning_rate", float("inf")),
     ("training.weight_decay", -1), ("training.adam_beta1", 2), ("training.adam_beta1", 1), ("training.adam_beta2", -0.1),
-    ("training.max_grad_norm", -1), ("training.max_grad_norm", 0), ("training.ema_decay", 1.5), ("training.ema_power", 0),
+    ("training.max_grad_norm", -1), ("training.max_grad_norm", 0), ("training.max_skipped_steps", -1),
+    ("training.ema_decay", 1.5), ("training.ema_power", 0),
     ("training.seed", -1), ("training.max_steps", 0), ("training.batch_size", 0), ("training.gradient_accumulation_steps", 0),
     ("training.lr_warmup_steps", -1), ("training.sample_every", -1), ("training.checkpoint_every", -5),
     ("training.num_sample_images", 0), ("training.checkpoints_total_limit", 0), ("training.log_every", 0),
