@@ -14,6 +14,7 @@ from .errors import UsageError, os_error_line
 
 COMMANDS = {
     "info": ("atdiff.info", "build the attention and ATConv models of a config; print parameters and forward time"),
+    "encode": ("atdiff.encode", "precompute a latent config's VAE latents into a latent store (resumable, multi-GPU)"),
     "train": ("atdiff.training.cli", "train a diffusion model from a YAML config (Accelerate)"),
     "sample": ("atdiff.sampling", "generate images from a trained pipeline folder"),
     "fid": ("atdiff.eval.fid", "FID/KID (torch-fidelity) between two image sets"),

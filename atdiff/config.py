@@ -368,8 +368,15 @@ def check_values(cfg: ExperimentConfig) -> None:
     if d.dataset == "imagefolder" and not d.root:
         raise UsageError("data.root: imagefolder needs the folder that holds one subfolder of images per class")
 
+    if d.vae_subfolder and not d.vae:
+        raise UsageError("data.vae_subfolder is set but data.vae is not; name the VAE (folder or hub id) in data.vae")
+    if d.latent_dir and not d.vae:
+        raise UsageError("data.latent_dir is set but data.vae is not; latent stores hold VAE latents, so name the VAE in data.vae")
+
     model = cfg.model.resolved()
-    if model.get("in_channels") != d.num_channels:
+    # With data.vae the model's input is the latent grid, checked against the latent store when
+    # training opens it (atdiff.latents.check_model_fits); here only pixel-space inputs are checked.
+    if not d.vae and model.get("in_channels") != d.num_channels:
         raise UsageError(
             f"model.in_channels is {model.get('in_channels')} but data gives {d.num_channels}-channel images; "
             f"set model.in_channels={d.num_channels} (or data.channels)"
@@ -381,7 +388,7 @@ def check_values(cfg: ExperimentConfig) -> None:
             f"(model.num_classes > 0 and model.class_dropout_prob > 0); use 1.0"
         )
     size = model.get("sample_size")
-    if size is not None and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
+    if size is not None and not d.vae and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
         raise UsageError(f"model.sample_size is {size} but data.resolution is {d.resolution}; make them equal")
     check_model(cfg.model)
 

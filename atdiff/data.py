@@ -9,7 +9,7 @@ checkpoints and a resumed run sees the same flips as one that never stopped.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -24,7 +24,7 @@ from .errors import UsageError
 
 DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "imagefolder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
-ResizeMode = Literal["pad", "center_crop"]
+ResizeMode = Literal["pad", "center_crop", "adm_center_crop"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 DOWNLOAD_DIR = "~/.cache/atdiff/datasets"  # where torchvision datasets are downloaded and cached
@@ -41,10 +41,17 @@ class DataConfig:
     root: str | None = None  # default: FASHION_MNIST_DIR, DOWNLOAD_DIR; required for imagefolder
     channels: int | None = None  # 1 or 3; default: the dataset's own (1 for the MNISTs, 3 otherwise)
     # pad: keep the pixels, zero-pad (or center-crop) to the resolution (28 -> 32 for the MNISTs);
-    # center_crop: scale the short side to the resolution, then center-crop (ADM/DiT).
+    # center_crop: scale the short side to the resolution, then center-crop;
+    # adm_center_crop: ADM's (and DiT/SiT's) exact crop: box-halve while the short side is at least
+    # twice the resolution, bicubic-resize it to the resolution, center-crop (PIL, as theirs).
     resize_mode: ResizeMode = "pad"
     random_flip: bool = False  # horizontal; applied to batches by the training loop
     num_workers: int = 0  # in-memory datasets need none; ImageFolder decodes files and wants some
+    # Latent diffusion: a diffusers AutoencoderKL (folder or hub id); training then reads the latent
+    # store `atdiff encode` writes (atdiff.latents), in latent_dir (default: under the cache dir).
+    vae: str | None = None
+    vae_subfolder: str | None = None
+    latent_dir: str | None = None
 
     @property
     def num_channels(self) -> int:
@@ -85,9 +92,24 @@ def fit_image(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
         images = TF.grayscale_to_rgb(images)
     elif images.shape[-3] == 3 and cfg.num_channels == 1:
         images = TF.rgb_to_grayscale(images)
+    if cfg.resize_mode == "adm_center_crop":
+        flat = images.reshape(-1, *images.shape[-3:])
+        cropped = [TF.pil_to_tensor(adm_center_crop(TF.to_pil_image(image), cfg.resolution)) for image in flat]
+        return torch.stack(cropped).reshape(*images.shape[:-2], cfg.resolution, cfg.resolution)
     if cfg.resize_mode == "center_crop":
         images = TF.resize(images, cfg.resolution, antialias=True)
     return TF.center_crop(images, [cfg.resolution, cfg.resolution])  # zero-pads what is smaller
+
+
+def adm_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """ADM's ``center_crop_arr`` (guided-diffusion, used by DiT and SiT for ImageNet), in PIL as there,
+    since FID against their reference batches depends on these exact pixels."""
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -99,6 +121,16 @@ def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror a random half of a batch (B, C, H, W) horizontally; draws from the device's global RNG."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the training loop applies to each batch on the device, drawing from the global RNG it
+    checkpoints: the dataset's own ``augment`` (a latent store samples its posteriors), else the
+    random flip when ``cfg.random_flip``."""
+    own = getattr(dataset, "augment", None)
+    if own is not None:
+        return own
+    return random_flip if cfg.random_flip else (lambda images: images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +231,8 @@ def image_folder(cfg: DataConfig) -> Dataset:
         )
 
     def transform(image: Image.Image) -> torch.Tensor:
+        if cfg.resize_mode == "adm_center_crop":  # on the PIL image: no round trip through a tensor
+            return to_unit_range(TF.pil_to_tensor(adm_center_crop(image, cfg.resolution)))
         return to_unit_range(fit_image(TF.pil_to_tensor(image), cfg))
 
     loader = image_loader("L" if cfg.num_channels == 1 else "RGB")

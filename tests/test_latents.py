@@ -1,0 +1,209 @@
+"""Latent diffusion end to end on the CPU: a tiny random AutoencoderKL, a few dozen Fashion-MNIST
+images at 64x64 as an image folder, `atdiff encode` (store, resume, refusals), the memory-mapped
+dataset, training in latent space and sampling back to images."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from assets import needs_fashion_mnist
+from atdiff.data import FASHION_MNIST_DIR, DataConfig, adm_center_crop, load_dataset, read_idx
+from atdiff.encode import encode, posteriors
+from atdiff.errors import UsageError
+from atdiff.latents import MissingLatents, ShardWriter, open_store, read_manifest, sample_latents, shard_paths
+
+pytestmark = needs_fashion_mnist
+
+NUM_IMAGES = 20  # 3 shards of 8, 8 and 4
+SHARD_SIZE = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vae(seed: int = 0, **config) -> AutoencoderKL:
+    """An 8x-downsampling AutoencoderKL (like SD's) of 25k parameters; factors set so their use shows."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        sample_size=64, **{"scaling_factor": 0.5, "shift_factor": 0.1, **config},
+    )
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """The first NUM_IMAGES Fashion-MNIST test images as PNGs, one subfolder per class."""
+    folder = tmp_path_factory.mktemp("fashion")
+    images = read_idx(Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz"))[:NUM_IMAGES]
+    labels = read_idx(Path(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))[:NUM_IMAGES]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (folder / f"class{int(label)}").mkdir(exist_ok=True)
+        Image.fromarray(image.numpy()).save(folder / f"class{int(label)}" / f"{i:03d}.png")
+    return folder
+
+
+def data_config(image_folder: Path, vae_dir: Path, latent_dir: Path, **changes) -> DataConfig:
+    fields = dict(dataset="imagefolder", root=str(image_folder), resolution=64, resize_mode="adm_center_crop",
+                  channels=3, random_flip=True, vae=str(vae_dir), latent_dir=str(latent_dir))
+    return DataConfig(**{**fields, **changes})
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, image_folder, vae_dir) -> DataConfig:
+    """A complete store, encoded in one go."""
+    data = data_config(image_folder, vae_dir, tmp_path_factory.mktemp("store") / "latents")
+    encode(data, batch_size=3, shard_size=SHARD_SIZE)
+    return data
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------------
+
+
+def test_adm_center_crop_halves_then_resizes_the_short_side():
+    image = Image.new("RGB", (600, 400), (10, 200, 30))
+    image.paste((255, 0, 0), (0, 0, 40, 400))  # a red band on the left, cropped away
+    out = adm_center_crop(image, 64)
+    assert out.size == (64, 64)
+    assert np.array(out).reshape(-1, 3).min(0).tolist() == [10, 200, 30] == np.array(out).reshape(-1, 3).max(0).tolist()
+
+
+def test_store_holds_the_posteriors_of_each_image_and_its_mirror(store):
+    folder = Path(store.latent_dir)
+    manifest = read_manifest(folder)
+    assert manifest["complete"] and manifest["count"] == NUM_IMAGES and manifest["num_shards"] == 3
+    assert manifest["latent_shape"] == [4, 8, 8]
+    assert manifest["vae"]["scaling_factor"] == 0.5 and manifest["vae"]["shift_factor"] == 0.1
+    assert manifest["source"]["resolution"] == 64 and len(manifest["source"]["vae_sha256"]) == 64
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"] + [
+        f"shard-{i:05d}.{kind}.npy" for i in range(3) for kind in ("labels", "latents")
+    ]
+
+    images = load_dataset(store)
+    vae = AutoencoderKL.from_pretrained(store.vae)
+    dataset = open_store(store, vae)
+    assert len(dataset) == NUM_IMAGES and dataset.classes == images.classes
+    for index in (0, 9, NUM_IMAGES - 1):  # in the first, second and last (short) shard
+        pixels, label = images[index]
+        stored, stored_label = dataset[index]
+        assert stored.dtype == torch.float16 and stored.shape == (2, 2, 4, 8, 8) and stored_label == label
+        with torch.no_grad():
+            image, mirror = vae.encode(torch.stack([pixels, pixels.flip(-1)])).latent_dist.mean
+        torch.testing.assert_close(stored[0, 0].float(), image, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(stored[1, 0].float(), mirror, atol=2e-3, rtol=2e-3)
+        assert (stored[:, 1] > 0).all()  # posterior std
+
+
+def test_dataset_memory_maps_its_shards_and_pickles_without_them(store):
+    dataset = open_store(store, AutoencoderKL.from_pretrained(store.vae))
+    dataset[0]
+    assert isinstance(dataset._shards[0][0], np.memmap)
+    clone = pickle.loads(pickle.dumps(dataset))  # what a spawned DataLoader worker receives
+    assert clone._shards == {} and torch.equal(clone[3][0], dataset[3][0])
+
+
+def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatch):
+    data = data_config(Path(store.root), Path(store.vae), tmp_path / "latents")
+    closed = []
+    real_close = ShardWriter.close
+
+    def close_then_die(writer):
+        if len(closed) == 1:  # the second shard: killed mid-write
+            raise KeyboardInterrupt
+        real_close(writer)
+        closed.append(writer.final[0].name)
+
+    monkeypatch.setattr(ShardWriter, "close", close_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        encode(data, batch_size=3, shard_size=SHARD_SIZE)
+    assert not read_manifest(tmp_path / "latents")["complete"]
+    with pytest.raises(MissingLatents, match="incomplete \\(1 of 3 shards\\)"):
+        open_store(data, AutoencoderKL.from_pretrained(data.vae))
+
+    closed.clear()
+    monkeypatch.setattr(ShardWriter, "close", lambda writer: (real_close(writer), closed.append(writer.final[0].name)))
+    encode(data, batch_size=5, shard_size=SHARD_SIZE)  # another batch size: same latents
+    assert closed == ["shard-00001.latents.npy", "shard-00002.latents.npy"]
+    assert read_manifest(tmp_path / "latents")["complete"]
+    assert not list((tmp_path / "latents").glob(".*.tmp"))
+    for i in range(3):
+        for mine, straight in zip(shard_paths(tmp_path / "latents", i), shard_paths(Path(store.latent_dir), i)):
+            assert mine.read_bytes() == straight.read_bytes()
+
+
+def test_store_made_otherwise_is_refused_naming_the_difference(store, tmp_path):
+    vae = AutoencoderKL.from_pretrained(store.vae)
+    with pytest.raises(UsageError, match=r"data.resolution=64 \(config: 32\)"):
+        open_store(DataConfig(**{**vars(store), "resolution": 32}), vae)
+    with pytest.raises(UsageError, match=r"data.root="):
+        open_store(DataConfig(**{**vars(store), "root": str(tmp_path)}), vae)
+    with pytest.raises(UsageError, match="data.dataset='imagefolder' \\(config: 'fashion-mnist'\\)"):
+        open_store(DataConfig(**{**vars(store), "dataset": "fashion-mnist", "root": None}), vae)
+    with pytest.raises(UsageError, match="other VAE weights"):
+        open_store(store, tiny_vae(seed=1))
+    other_vae = tmp_path / "other-vae"
+    tiny_vae(seed=1).save_pretrained(other_vae)
+    with pytest.raises(UsageError, match="other VAE weights"):  # encoding into it too
+        encode(DataConfig(**{**vars(store), "vae": str(other_vae)}), shard_size=SHARD_SIZE)
+    with pytest.raises(MissingLatents, match="no latent store"):
+        open_store(DataConfig(**{**vars(store), "latent_dir": str(tmp_path / "empty")}), vae)
+
+
+def test_encode_refuses_a_config_without_a_vae_in_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"dataset": "fashion-mnist"}, "model": {"size": "XS/4", "in_channels": 1}}))
+    proc = subprocess.run([sys.executable, "-m", "atdiff", "encode", "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("atdiff encode: error: data.vae is not set")
+
+
+def test_latent_samples_flip_and_scale_as_the_vae_expects():
+    mean = torch.randn(64, 2, 4, 2, 2)
+    posterior = torch.stack([mean, torch.zeros_like(mean)], dim=2)  # std 0: the sample is the mean
+    plain = sample_latents(posterior, flip=False, scaling_factor=0.5, shift_factor=0.1)
+    torch.testing.assert_close(plain, (mean[:, 0] - 0.1) * 0.5)
+    torch.manual_seed(0)
+    flipped = sample_latents(posterior, flip=True, scaling_factor=1.0, shift_factor=0.0)
+    mirrored = (flipped == mean[:, 1]).flatten(1).all(1)
+    assert ((flipped == mean[:, 0]).flatten(1).all(1) ^ mirrored).all() and 16 < mirrored.sum() < 48
+    torch.manual_seed(0)
+    assert torch.equal(sample_latents(posterior, flip=True, scaling_factor=1.0, shift_factor=0.0), flipped)
+
+    noisy = torch.stack([torch.zeros(1024, 2, 4, 2, 2), torch.full((1024, 2, 4, 2, 2), 2.0)], dim=2)
+    samples = sample_latents(noisy, flip=False, scaling_factor=1.0, shift_factor=0.0)
+    assert abs(samples.std().item() - 2.0) < 0.05  # a fresh draw from N(mean, std^2)
+
+
+def test_posteriors_encode_mirrors_in_the_same_call(vae_dir):
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    pixels = torch.rand(3, 3, 64, 64) * 2 - 1
+    out = posteriors(vae, pixels)
+    assert out.shape == (3, 2, 2, 4, 8, 8)
+    with torch.no_grad():
+        dist = vae.encode(pixels[1:2].flip(-1)).latent_dist
+    torch.testing.assert_close(out[1, 1, 0], dist.mean[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1, 1, 1], dist.std[0], atol=1e-5, rtol=1e-4)
