@@ -64,7 +64,7 @@ def encode(data: DataConfig, batch_size: int = 64, shard_size: int = DEFAULT_SHA
     images = load_dataset(data)
     source = StoreSource.of(data, weights_sha256(vae))
     folder = store_dir(data, source)
-    manifest = open_for_writing(folder, new_manifest(source, data, vae, len(images), shard_size, images.classes), accelerator)
+    manifest = open_for_writing(folder, new_manifest(source, data, vae.config, len(images), shard_size, images.classes), accelerator)
 
     todo = [i for i in missing_shards(folder, manifest) if i % accelerator.num_processes == accelerator.process_index]
     if todo:

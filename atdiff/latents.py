@@ -75,12 +75,12 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+def latent_shape(vae_config, resolution: int) -> tuple[int, int, int]:
     """(channels, height, width) of the latents of ``resolution``-pixel images."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     if resolution % factor:
         raise UsageError(f"data.resolution={resolution} is not a multiple of the VAE's downsampling factor {factor}")
-    return vae.config.latent_channels, resolution // factor, resolution // factor
+    return vae_config["latent_channels"], resolution // factor, resolution // factor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +129,8 @@ def store_dir(data: DataConfig, source: StoreSource) -> Path:
     return cache_dir() / "latents" / f"{data.dataset}-{data.split}-{data.resolution}px-{key}"
 
 
-def new_manifest(source: StoreSource, data: DataConfig, vae, count: int, shard_size: int, classes: list[str]) -> dict:
+def new_manifest(source: StoreSource, data: DataConfig, vae_config, count: int, shard_size: int, classes: list[str]) -> dict:
+    """The manifest of a store yet to be encoded; ``vae_config`` is the VAE's diffusers config."""
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -138,13 +139,13 @@ def new_manifest(source: StoreSource, data: DataConfig, vae, count: int, shard_s
         "vae": {
             "name": data.vae,
             "subfolder": data.vae_subfolder,
-            "scaling_factor": vae.config.scaling_factor,
-            "shift_factor": vae.config.get("shift_factor") or 0.0,
+            "scaling_factor": vae_config["scaling_factor"],
+            "shift_factor": vae_config.get("shift_factor") or 0.0,
         },
         "count": count,
         "shard_size": shard_size,
         "num_shards": -(-count // shard_size),
-        "latent_shape": list(latent_shape(vae, data.resolution)),
+        "latent_shape": list(latent_shape(vae_config, data.resolution)),
         "dtype": np.dtype(DTYPE).name,
         "layout": "latents (n, 2, 2, C, h, w): [image, mirrored image] x [posterior mean, posterior std]",
         "classes": list(classes),
