@@ -39,7 +39,7 @@ from .latents import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML experiment config whose data section names a VAE (data.vae)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call and process (does not change the latents)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per VAE call and process (changes the latents only by float rounding)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="images per shard file (a new store only; resuming keeps the store's)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, as for `atdiff train` (give the same ones)")
 

@@ -4,6 +4,8 @@ dataset, training in latent space and sampling back to images."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
 import subprocess
 import sys
@@ -15,12 +17,16 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
+from safetensors.torch import load_file
 
 from assets import needs_fashion_mnist
+from atdiff.cli import main
+from atdiff.config import config_from_dict
 from atdiff.data import FASHION_MNIST_DIR, DataConfig, adm_center_crop, load_dataset, read_idx
 from atdiff.encode import encode, posteriors
 from atdiff.errors import UsageError
 from atdiff.latents import MissingLatents, ShardWriter, open_store, read_manifest, sample_latents, shard_paths
+from atdiff.pipelines import ImageDiffusionPipeline
 
 pytestmark = needs_fashion_mnist
 
@@ -146,7 +152,7 @@ def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatc
 
     closed.clear()
     monkeypatch.setattr(ShardWriter, "close", lambda writer: (real_close(writer), closed.append(writer.final[0].name)))
-    encode(data, batch_size=5, shard_size=SHARD_SIZE)  # another batch size: same latents
+    encode(data, batch_size=3, shard_size=SHARD_SIZE)
     assert closed == ["shard-00001.latents.npy", "shard-00002.latents.npy"]
     assert read_manifest(tmp_path / "latents")["complete"]
     assert not list((tmp_path / "latents").glob(".*.tmp"))
@@ -207,3 +213,112 @@ def test_posteriors_encode_mirrors_in_the_same_call(vae_dir):
         dist = vae.encode(pixels[1:2].flip(-1)).latent_dist
     torch.testing.assert_close(out[1, 1, 0], dist.mean[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out[1, 1, 1], dist.std[0], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes
+# ------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_split_the_shards_and_match_one(tmp_path, store):
+    data = data_config(Path(store.root), Path(store.vae), tmp_path / "latents")
+    config = tmp_path / "encode.yaml"
+    config.write_text(yaml.safe_dump({"data": vars(data), "model": {"size": "XS/2", "in_channels": 4, "sample_size": 8}}))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "atdiff", "encode", "--config", str(config),
+               "--shard-size", str(SHARD_SIZE), "--batch-size", "3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(process 0 of 2)" in done.stderr and read_manifest(tmp_path / "latents")["complete"]
+    for i in range(3):
+        for mine, straight in zip(shard_paths(tmp_path / "latents", i), shard_paths(Path(store.latent_dir), i)):
+            assert mine.read_bytes() == straight.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# Training on latents, sampling back to images
+# ------------------------------------------------------------------------------------------------
+
+
+def latent_run(data: DataConfig, output_dir: Path, **training) -> dict:
+    """A tiny class-conditional DiT on the 8x8x4 latents: 3 steps, grids decoded every 2."""
+    return {
+        "model": {"type": "dit", "sample_size": 8, "patch_size": 2, "hidden_size": 32, "depth": 2, "num_heads": 2,
+                  "in_channels": 4, "num_classes": 10, "learn_sigma": False, "token_mixer": "atconv"},
+        "objective": {"type": "flow_matching"},
+        "data": {k: v for k, v in vars(data).items() if v is not None},
+        "training": {"output_dir": str(output_dir), "max_steps": 4, "batch_size": 4, "learning_rate": 1e-3,
+                     "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4, "log_with": "none", **training},
+        "sampling": {"num_inference_steps": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def latent_training(tmp_path_factory, store):
+    from atdiff.training import train
+
+    out = tmp_path_factory.mktemp("latent-run") / "run"
+    train(config_from_dict(latent_run(store, out)))
+    return out
+
+
+def test_training_on_latents_leaves_a_pipeline_that_decodes_to_images(latent_training):
+    out = latent_training
+    assert (out / "vae" / "config.json").is_file()
+    assert json.loads((out / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    pipe = ImageDiffusionPipeline.from_pretrained(out)
+    images = pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 64, 64, 3)
+    latents = pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=2, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    with torch.no_grad():  # decoded with the VAE's own factors (0.5, 0.1)
+        expected = pipe.vae.decode(latents / 0.5 + 0.1).sample
+    decoded = pipe(batch_size=2, class_labels=[0, 1], num_inference_steps=2, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(decoded, (expected / 2 + 0.5).clamp(0, 1))
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert Image.open(out / "samples" / "step-0000004.png").size == (128, 128)  # 4 decoded 64x64 images, 2 x 2
+
+
+def test_sample_and_fid_read_the_latent_pipeline_with_no_extra_flag(latent_training, tmp_path):
+    from atdiff.eval.fid import image_set
+
+    assert main(["sample", str(latent_training), "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "png")]) == 0
+    assert [Image.open(p).size for p in sorted((tmp_path / "png").glob("*.png"))] == [(64, 64)] * 2
+    images = image_set(str(latent_training), 2)
+    assert images[0].shape == (3, 64, 64) and images[0].dtype == torch.uint8
+
+
+def test_resumed_latent_run_draws_the_same_latents(latent_training, tmp_path, store):
+    from atdiff.training import train
+
+    first = train(config_from_dict(latent_run(store, tmp_path / "run", max_steps=2)))
+    assert first.step == 2
+    train(config_from_dict(latent_run(store, tmp_path / "run")), resume="latest")
+    straight = load_file(latent_training / "model" / "diffusion_pytorch_model.safetensors")
+    resumed = load_file(tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_train_without_a_store_prints_the_encode_command(tmp_path, store):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(latent_run(store, tmp_path / "run")))
+    empty = tmp_path / "nothing-here"
+    proc = subprocess.run([sys.executable, "-m", "atdiff", "train", "--config", str(config), f"data.latent_dir={empty}"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"atdiff encode --config {config} data.latent_dir={empty}" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_model_that_does_not_take_the_latents(tmp_path, store):
+    from atdiff.training import train
+
+    raw = latent_run(store, tmp_path / "run")
+    raw["model"]["in_channels"] = 3
+    with pytest.raises(UsageError, match="model.in_channels=4"):
+        train(config_from_dict(raw))
+    raw["model"].update(in_channels=4, sample_size=16)
+    with pytest.raises(UsageError, match="model.sample_size=8"):
+        train(config_from_dict(raw))
