@@ -86,6 +86,17 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return ImageTensorDataset(fit_image(images, cfg), labels, classes)
 
 
+def load_training_data(cfg: DataConfig) -> tuple[Dataset, "AutoencoderKL | None"]:
+    """What training reads: the images, or with ``cfg.vae`` their latent store (``atdiff.latents``)
+    and the VAE that decodes the samples; a missing store raises ``MissingLatents``."""
+    if not cfg.vae:
+        return load_dataset(cfg), None
+    from .latents import load_vae, open_store
+
+    vae = load_vae(cfg)
+    return open_store(cfg, vae), vae
+
+
 def fit_image(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """uint8 (..., C, H, W) -> (..., cfg.num_channels, R, R), per ``cfg.resize_mode``."""
     if images.shape[-3] == 1 and cfg.num_channels == 3:
@@ -123,14 +134,14 @@ def random_flip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What the training loop applies to each batch on the device, drawing from the global RNG it
     checkpoints: the dataset's own ``augment`` (a latent store samples its posteriors), else the
-    random flip when ``cfg.random_flip``."""
+    random flip when ``cfg.random_flip``, else nothing (None)."""
     own = getattr(dataset, "augment", None)
     if own is not None:
         return own
-    return random_flip if cfg.random_flip else (lambda images: images)
+    return random_flip if cfg.random_flip else None
 
 
 # ------------------------------------------------------------------------------------------------

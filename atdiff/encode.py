@@ -87,6 +87,7 @@ def open_for_writing(folder: Path, manifest: dict, accelerator: Accelerator) -> 
     existing = read_manifest(folder)  # every process checks, so a refusal stops all of them alike
     if existing is None and folder.is_dir() and any(folder.iterdir()):
         raise UsageError(f"data.latent_dir {folder} is neither empty nor an atdiff latent store; pick a new folder")
+    accelerator.wait_for_everyone()  # all have looked before the main process writes the header
     if existing is not None:
         check_source(existing, StoreSource(**manifest["source"]), folder)
         if existing["count"] != manifest["count"]:

@@ -44,6 +44,10 @@ DEFAULT_SHARD_SIZE = 4096  # images per shard: 128 MiB at ImageNet-256 (32 KiB p
 class MissingLatents(UsageError):
     """The latent store a config needs is absent or incomplete: run ``atdiff encode`` first."""
 
+    def __init__(self, problem: str, encode_command: str = "atdiff encode --config CONFIG (the same config and overrides)"):
+        self.problem = problem
+        super().__init__(f"{problem}; run `{encode_command}` (under `accelerate launch` for several GPUs), then train again")
+
 
 # ------------------------------------------------------------------------------------------------
 # The VAE
@@ -287,13 +291,13 @@ def open_store(data: DataConfig, vae) -> LatentDataset:
     folder = store_dir(data, source)
     manifest = read_manifest(folder)
     if manifest is None:
-        raise MissingLatents(f"no latent store for this config's data and VAE in {folder}; encode the images first")
+        raise MissingLatents(f"no latent store for this config's data and VAE in {folder}")
     check_source(manifest, source, folder)
     missing = missing_shards(folder, manifest)
     if missing or not manifest["complete"]:
         raise MissingLatents(
             f"the latent store {folder} is incomplete ({manifest['num_shards'] - len(missing)} of "
-            f"{manifest['num_shards']} shards); rerun the encode to finish it"
+            f"{manifest['num_shards']} shards encoded)"
         )
     return LatentDataset(folder, manifest, data.random_flip)
 

@@ -147,7 +147,7 @@ def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         encode(data, batch_size=3, shard_size=SHARD_SIZE)
     assert not read_manifest(tmp_path / "latents")["complete"]
-    with pytest.raises(MissingLatents, match="incomplete \\(1 of 3 shards\\)"):
+    with pytest.raises(MissingLatents, match="incomplete \\(1 of 3 shards encoded\\)"):
         open_store(data, AutoencoderKL.from_pretrained(data.vae))
 
     closed.clear()
@@ -179,12 +179,11 @@ def test_store_made_otherwise_is_refused_naming_the_difference(store, tmp_path):
         open_store(DataConfig(**{**vars(store), "latent_dir": str(tmp_path / "empty")}), vae)
 
 
-def test_encode_refuses_a_config_without_a_vae_in_one_line(tmp_path):
+def test_encode_refuses_a_config_without_a_vae_in_one_line(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"dataset": "fashion-mnist"}, "model": {"size": "XS/4", "in_channels": 1}}))
-    proc = subprocess.run([sys.executable, "-m", "atdiff", "encode", "--config", str(config)], capture_output=True, text=True)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("atdiff encode: error: data.vae is not set")
+    assert main(["encode", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith("atdiff encode: error: data.vae is not set")
 
 
 def test_latent_samples_flip_and_scale_as_the_vae_expects():
@@ -301,14 +300,14 @@ def test_resumed_latent_run_draws_the_same_latents(latent_training, tmp_path, st
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
-def test_train_without_a_store_prints_the_encode_command(tmp_path, store):
+def test_train_without_a_store_prints_the_encode_command(tmp_path, store, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(latent_run(store, tmp_path / "run")))
     empty = tmp_path / "nothing-here"
-    proc = subprocess.run([sys.executable, "-m", "atdiff", "train", "--config", str(config), f"data.latent_dir={empty}"],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"atdiff encode --config {config} data.latent_dir={empty}" in proc.stderr
+    assert main(["train", "--config", str(config), f"data.latent_dir={empty}", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"atdiff train: error: no latent store for this config's data and VAE in {empty}")
+    assert f"run `atdiff encode --config {config} data.latent_dir={empty}`" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 

@@ -37,6 +37,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_model, save_model
 
 from ..config import build_model, load_config
+from ..latents import load_vae
 from ..errors import UsageError
 from ..files import sha256_of, temp_path, write_atomic
 from ..objectives import build_objective
@@ -292,4 +293,5 @@ def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
     ema = EMAModel(model.parameters())
     ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
     ema.copy_to(model.parameters())
-    return ImageDiffusionPipeline(model=model.eval(), scheduler=build_objective(cfg.objective).make_scheduler())
+    vae = load_vae(cfg.data) if cfg.data.vae else None
+    return ImageDiffusionPipeline(model=model.eval(), scheduler=build_objective(cfg.objective).make_scheduler(), vae=vae)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from ..config import load_config
+from ..latents import MissingLatents
 from .loop import TrainingDiverged, train
 
 EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
@@ -36,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *flags])
     try:
         result = train(cfg, resume=args.resume)
+    except MissingLatents as err:
+        raise MissingLatents(err.problem, shlex.join(["atdiff", "encode", "--config", args.config, *args.overrides])) from None
     except TrainingDiverged as err:
         print(f"atdiff train: error: {err}", flush=True)
         return 1

@@ -33,16 +33,17 @@ from typing import NamedTuple
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, build_model, flat_config
-from ..data import batch_stream, load_dataset, random_flip
+from ..data import batch_augmentation, batch_stream, load_training_data
 from ..errors import UsageError
 from ..files import write_atomic
+from ..latents import check_model_fits
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline, num_classes_of
 from .checkpoint import Progress, TrainingState, find_checkpoint, load_checkpoint, make_head, save_checkpoint
@@ -96,11 +97,12 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     output_dir = Path(cfg.training.output_dir)
     check_output_dir(output_dir, resume)
     refuse_sharded_training()
+    data = load_training_data(cfg.data)  # before any work: a latent config may lack its store
     accelerator = make_accelerator(cfg, output_dir)
     with run_lock(output_dir) if accelerator.is_main_process else nullcontext():
         accelerator.wait_for_everyone()  # the other processes start once the main one holds the folder
         try:
-            return start_training(accelerator, cfg, output_dir, resume)
+            return start_training(accelerator, cfg, output_dir, resume, *data)
         except OSError as err:
             if is_output_dir_error(output_dir, err):
                 raise output_dir_error(output_dir, err) from None
@@ -151,8 +153,11 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
     return accelerator
 
 
-def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None) -> TrainingResult:
-    """Build (or resume) everything the loop trains, under the run folder's lock, and run it."""
+def start_training(
+    accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None, dataset, vae: AutoencoderKL | None
+) -> TrainingResult:
+    """Build (or resume) everything the loop trains, under the run folder's lock, and run it on
+    ``dataset`` (images, or latents of ``vae``: ``atdiff.data.load_training_data``)."""
     tcfg = cfg.training
     # Every process verifies on its own (reading each file once more) and reaches the same choice,
     # so a refusal stops them all rather than leaving some waiting for a broadcast.
@@ -165,8 +170,7 @@ def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: 
     model = build_model(cfg.model)
     set_seed(tcfg.seed, device_specific=True)
     objective = build_objective(cfg.objective)
-    dataset = load_dataset(cfg.data)
-    interface = model_interface(model, dataset, objective, cfg)
+    interface = model_interface(model, dataset, objective, cfg, vae)
 
     ema = EMAModel(model.parameters(), decay=tcfg.ema_decay, use_ema_warmup=True, power=tcfg.ema_power, foreach=True)
     optimizer = torch.optim.AdamW(
@@ -209,8 +213,9 @@ def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: 
     return Trainer(accelerator, model, objective, state, interface, cfg).fit(batches, progress)
 
 
-def model_interface(model: torch.nn.Module, dataset, objective, cfg: ExperimentConfig) -> ModelInterface:
-    """What the loop needs to know of this model, checked against the data before any step."""
+def model_interface(model: torch.nn.Module, dataset, objective, cfg: ExperimentConfig, vae: AutoencoderKL | None = None) -> ModelInterface:
+    """What the loop needs to know of this model, checked against the data before any step; with a
+    ``vae`` the model works on its latents and the pipelines decode with it."""
     embed_type = getattr(model.config, "class_embed_type", None)
     if embed_type is not None:  # a diffusers UNet conditioned on timesteps or vectors, not class labels
         raise UsageError(
@@ -225,11 +230,14 @@ def model_interface(model: torch.nn.Module, dataset, objective, cfg: ExperimentC
             f"the model is conditioned on {num_classes} classes but data ({cfg.data.dataset}) has {found}; "
             f"set model.{key}={found} (or 0 for an unconditional model)"
         )
-    return ModelInterface(
-        num_classes=num_classes,
-        augment=random_flip if cfg.data.random_flip else None,
-        make_pipeline=lambda network: ImageDiffusionPipeline(model=network, scheduler=objective.make_scheduler()),
-    )
+    if vae is not None:
+        check_model_fits(cfg.model.resolved(), dataset)
+
+    def make_pipeline(network: torch.nn.Module) -> ImageDiffusionPipeline:
+        # Only the main process makes pipelines: the VAE moves to the device there alone.
+        return ImageDiffusionPipeline(model=network, scheduler=objective.make_scheduler(), vae=vae and vae.to(network.device))
+
+    return ModelInterface(num_classes=num_classes, augment=batch_augmentation(dataset, cfg.data), make_pipeline=make_pipeline)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
