@@ -62,8 +62,9 @@ def load_vae(data: DataConfig):
     try:
         vae = AutoencoderKL.from_pretrained(data.vae, subfolder=data.vae_subfolder)
     except (OSError, ValueError) as err:  # no such folder/hub id, offline, not an AutoencoderKL
+        reason = " ".join(str(err).split()).rstrip(".")  # diffusers' messages span lines; ours is one
         raise UsageError(
-            f"data.vae: cannot load a diffusers AutoencoderKL from {where}: {err}. Pass a folder written by "
+            f"data.vae: cannot load a diffusers AutoencoderKL from {where} ({reason}). Pass a folder written by "
             f"AutoencoderKL.save_pretrained or a hub id such as stabilityai/sd-vae-ft-ema (needs internet once)"
         ) from None
     return vae.eval().requires_grad_(False)

@@ -155,6 +155,9 @@ def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatc
     encode(data, batch_size=3, shard_size=SHARD_SIZE)
     assert closed == ["shard-00001.latents.npy", "shard-00002.latents.npy"]
     assert read_manifest(tmp_path / "latents")["complete"]
+    closed.clear()
+    encode(data, batch_size=3, shard_size=SHARD_SIZE)  # complete: nothing to do
+    assert closed == []
     assert not list((tmp_path / "latents").glob(".*.tmp"))
     for i in range(3):
         for mine, straight in zip(shard_paths(tmp_path / "latents", i), shard_paths(Path(store.latent_dir), i)):
@@ -175,6 +178,8 @@ def test_store_made_otherwise_is_refused_naming_the_difference(store, tmp_path):
     tiny_vae(seed=1).save_pretrained(other_vae)
     with pytest.raises(UsageError, match="other VAE weights"):  # encoding into it too
         encode(DataConfig(**{**vars(store), "vae": str(other_vae)}), shard_size=SHARD_SIZE)
+    with pytest.raises(UsageError, match="^data.vae: cannot load a diffusers AutoencoderKL from .*no-vae[^\n]*$"):
+        encode(DataConfig(**{**vars(store), "vae": str(tmp_path / "no-vae")}))
     with pytest.raises(MissingLatents, match="no latent store"):
         open_store(DataConfig(**{**vars(store), "latent_dir": str(tmp_path / "empty")}), vae)
 
