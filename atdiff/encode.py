@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import load_config
@@ -103,20 +103,29 @@ def open_for_writing(folder: Path, manifest: dict, accelerator: Accelerator) -> 
 
 
 def encode_shards(vae, images, folder: Path, manifest: dict, shards: list[int], batch_size: int, num_workers: int, accelerator: Accelerator) -> None:
-    """Encode ``shards`` one after the other, each written whole or not at all."""
+    """Encode ``shards`` one after the other, each written whole or not at all. One DataLoader over
+    all of them (batches never straddle a shard), so workers start once and prefetch across shards."""
+    plan = [(index, batch) for index in shards for batch in batched(shard_range(manifest, index), batch_size)]
+    loader = DataLoader(images, batch_sampler=[batch for _, batch in plan], num_workers=num_workers,
+                        pin_memory=accelerator.device.type == "cuda")
     total = sum(len(shard_range(manifest, i)) for i in shards)
     where = f" (process {accelerator.process_index} of {accelerator.num_processes})" if accelerator.num_processes > 1 else ""
-    started = time.perf_counter()
+    started, writer = time.perf_counter(), None
     with tqdm(total=total, unit="img", desc=f"encode{where}", disable=not accelerator.is_local_main_process) as bar:
-        for index in shards:
-            writer = ShardWriter(folder, manifest, index)
-            loader = DataLoader(Subset(images, shard_range(manifest, index)), batch_size, num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
-            for pixels, labels in loader:
-                writer.add(posteriors(vae, pixels.to(accelerator.device, non_blocking=True)), labels)
-                bar.update(len(labels))
-            writer.close()
+        for (index, _), (pixels, labels) in zip(plan, loader):
+            if writer is None:
+                writer = ShardWriter(folder, manifest, index)
+            writer.add(posteriors(vae, pixels.to(accelerator.device, non_blocking=True)), labels)
+            if writer.full:
+                writer.close()
+                writer = None
+            bar.update(len(labels))
     seconds = time.perf_counter() - started
     accelerator.print(f"encoded {total} images in {seconds:.1f} s ({total / seconds:.1f} images/s{' per process' if where else ''})")
+
+
+def batched(indices: range, size: int) -> list[list[int]]:
+    return [list(indices[start : start + size]) for start in range(0, len(indices), size)]
 
 
 @torch.no_grad()

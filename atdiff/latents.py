@@ -216,6 +216,10 @@ class ShardWriter:
         self.labels = np.lib.format.open_memmap(self.partial[1], "w+", np.int64, (count,))
         self.filled = 0
 
+    @property
+    def full(self) -> bool:
+        return self.filled == len(self.labels)
+
     def add(self, posteriors: torch.Tensor, labels: torch.Tensor) -> None:
         """Append a batch: posteriors (B, 2, 2, C, h, w), labels (B,)."""
         end = self.filled + len(labels)
@@ -224,7 +228,7 @@ class ShardWriter:
         self.filled = end
 
     def close(self) -> None:
-        if self.filled != len(self.labels):
+        if not self.full:
             raise RuntimeError(f"shard {self.final[0].name}: {self.filled} of {len(self.labels)} images written")
         for array in (self.labels, self.latents):
             array.flush()

@@ -119,7 +119,7 @@ def synthetic_store(folder: Path, count: int) -> dict:
     block = torch.randn(256, 2, 2, *manifest["latent_shape"])
     for index in range(manifest["num_shards"]):
         writer = ShardWriter(folder, manifest, index)
-        while writer.filled < len(writer.labels):
+        while not writer.full:
             n = min(len(block), len(writer.labels) - writer.filled)
             writer.add(block[:n], torch.randint(1000, (n,)))
         writer.close()
