@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import load_config
 from .data import DataConfig, load_dataset
-from .errors import UsageError
+from .errors import UsageError, writing_to
 from .latents import (
     DEFAULT_SHARD_SIZE,
     ShardWriter,
@@ -68,7 +68,8 @@ def encode(data: DataConfig, batch_size: int = 64, shard_size: int = DEFAULT_SHA
 
     todo = [i for i in missing_shards(folder, manifest) if i % accelerator.num_processes == accelerator.process_index]
     if todo:
-        encode_shards(vae.to(accelerator.device), images, folder, manifest, todo, batch_size, data.num_workers, accelerator)
+        with writing_to(folder, "free some space (or set data.latent_dir elsewhere) and rerun: finished shards are kept"):
+            encode_shards(vae.to(accelerator.device), images, folder, manifest, todo, batch_size, data.num_workers, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         missing = missing_shards(folder, manifest)

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .data import DataConfig
 from .errors import UsageError
-from .files import write_atomic
+from .files import temp_path, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "atdiff-latent-store"
@@ -210,7 +210,7 @@ class ShardWriter:
 
     def __init__(self, folder: Path, manifest: dict, index: int):
         self.final = shard_paths(folder, index)
-        self.partial = [path.with_name(f".{path.name}.tmp") for path in self.final]
+        self.partial = [temp_path(path) for path in self.final]
         count = len(shard_range(manifest, index))
         self.latents = np.lib.format.open_memmap(self.partial[0], "w+", DTYPE, (count, 2, 2, *manifest["latent_shape"]))
         self.labels = np.lib.format.open_memmap(self.partial[1], "w+", np.int64, (count,))

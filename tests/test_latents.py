@@ -25,6 +25,7 @@ from atdiff.config import config_from_dict
 from atdiff.data import FASHION_MNIST_DIR, DataConfig, adm_center_crop, load_dataset, read_idx
 from atdiff.encode import encode, posteriors
 from atdiff.errors import UsageError
+from atdiff.files import TEMP_PREFIX
 from atdiff.latents import MissingLatents, ShardWriter, open_store, read_manifest, sample_latents, shard_paths
 from atdiff.pipelines import ImageDiffusionPipeline
 
@@ -147,6 +148,8 @@ def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         encode(data, batch_size=3, shard_size=SHARD_SIZE)
     assert not read_manifest(tmp_path / "latents")["complete"]
+    left = sorted(p.name for p in (tmp_path / "latents").glob(f"{TEMP_PREFIX}*"))
+    assert left == [f"{TEMP_PREFIX}shard-00001.labels.npy", f"{TEMP_PREFIX}shard-00001.latents.npy"]  # the killed shard
     with pytest.raises(MissingLatents, match="incomplete \\(1 of 3 shards encoded\\)"):
         open_store(data, AutoencoderKL.from_pretrained(data.vae))
 
@@ -158,7 +161,7 @@ def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatc
     closed.clear()
     encode(data, batch_size=3, shard_size=SHARD_SIZE)  # complete: nothing to do
     assert closed == []
-    assert not list((tmp_path / "latents").glob(".*.tmp"))
+    assert not list((tmp_path / "latents").glob(f"{TEMP_PREFIX}*"))
     for i in range(3):
         for mine, straight in zip(shard_paths(tmp_path / "latents", i), shard_paths(Path(store.latent_dir), i)):
             assert mine.read_bytes() == straight.read_bytes()
