@@ -69,11 +69,11 @@ def forward_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def training_costs(gpu_tflops: float) -> dict[str, dict]:
+def training_costs(gpu_tflops: float, sizes: tuple[str, ...] = SIZES) -> dict[str, dict]:
     """Per config: forward GFLOPs per image, the images/s one GPU sustains at ``gpu_tflops`` and the
     GPU-hours of the config's run: steps x batch x 3 x forward FLOPs / throughput."""
     out = {}
-    for size in SIZES:
+    for size in sizes:
         for mixer in MIXERS:
             cfg = load_config(CONFIGS / f"imagenet256-sit-{size}-{mixer}.yaml")
             with torch.device("meta"):

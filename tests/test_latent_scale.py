@@ -10,7 +10,7 @@ from atdiff.eval import latent_scale
 
 
 def test_sit_xl2_forward_flops_match_dits_published_count():
-    costs = latent_scale.training_costs(gpu_tflops=400.0)
+    costs = latent_scale.training_costs(gpu_tflops=400.0, sizes=("xl2",))
     xl = costs["xl2-attention"]
     # DiT-XL/2: 118.6 Gflops in the DiT paper, counted as multiply-adds (fvcore); 675M parameters.
     assert abs(xl["forward_gflops_per_image"] / 2 - 118.6) < 0.6 and abs(xl["params_m"] - 675) < 1
