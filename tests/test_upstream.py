@@ -271,3 +271,29 @@ def test_every_ddpm_sampler_runs_on_a_learned_sigma_import(tmp_path):
         pipe.scheduler = scheduler_by_name(name, pipe.scheduler.config, "epsilon")
         latents = pipe(batch_size=1, num_inference_steps=2, output_type="latent", generator=torch.Generator().manual_seed(0)).images
         assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all(), name
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)
+
+
+def test_diffusers_pipeline_round_trip_keeps_the_vae(tmp_path):
+    from diffusers import DiTPipeline
+
+    model = dit("diffusers")
+    pipe = ImageDiffusionPipeline(model=model, scheduler=pipeline(model).scheduler, vae=tiny_vae())
+    export_pipeline(pipe, "diffusers", tmp_path / "dit-pipeline")
+    assert isinstance(DiTPipeline.from_pretrained(tmp_path / "dit-pipeline"), DiTPipeline)
+    imported = import_checkpoint(tmp_path / "dit-pipeline")
+    assert_same_model(model, imported.model)
+    assert imported.vae is not None and torch.equal(imported.vae.decoder.conv_out.weight, pipe.vae.decoder.conv_out.weight)
+    # a DiT/SiT file has no VAE: --vae takes an AutoencoderKL folder or a pipeline folder with vae/
+    export_pipeline(pipeline(dit("dit")), "dit", tmp_path / "dit.pt")
+    with_vae = import_checkpoint(tmp_path / "dit.pt", ImportOptions(family="dit", vae=str(tmp_path / "dit-pipeline")))
+    assert with_vae.vae is not None
+    with pytest.raises(UsageError, match="is not an AutoencoderKL folder"):
+        import_checkpoint(tmp_path / "dit.pt", ImportOptions(vae=str(tmp_path)))
