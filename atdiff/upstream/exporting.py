@@ -15,13 +15,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ..errors import UsageError
+from ..files import atomic_path
 from ..models.dit import DIT_SIZES, DiTModel
 from ..pipelines import ImageDiffusionPipeline
 from .architecture import FAMILY_CONFIG
-from .files import save_checkpoint_file
 from .importing import check_out, save_pipeline_folder
 from .keymap import atdiff_to_diffusers, atdiff_to_timm
 
@@ -53,7 +54,9 @@ def export_pipeline(pipe: ImageDiffusionPipeline, to: str, out: Path) -> None:
     if to == "diffusers":
         save_diffusers(pipe, out)
     else:
-        save_checkpoint_file({"model": (weights := timm_weights(model)), "ema": weights, "args": upstream_args(pipe, to)}, out)
+        weights = timm_weights(model)
+        with atomic_path(out) as partial:
+            torch.save({"model": weights, "ema": weights, "args": upstream_args(pipe, to)}, partial)
 
 
 def timm_weights(model: DiTModel) -> dict:

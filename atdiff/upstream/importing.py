@@ -8,8 +8,6 @@ constants of the source's code (SiT's time convention, diffusers' timestep shift
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UsageError
+from ..files import atomic_path
 from ..models.dit import DiTModel, sincos_position_table
 from ..objectives import ObjectiveConfig, build_objective
 from ..pipelines import ImageDiffusionPipeline
@@ -140,9 +139,6 @@ def load_vae(path: Path, latent_channels: int) -> AutoencoderKL:
 
 
 def save_pipeline_folder(pipe, out: Path) -> None:
-    """``pipe.save_pretrained(out)`` (a pipeline or a model), written aside and renamed, so ``out``
-    exists only once complete."""
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging)
-    os.replace(staging, out)
+    """``pipe.save_pretrained(out)`` (a pipeline or a model); ``out`` exists only once complete."""
+    with atomic_path(out) as partial:
+        pipe.save_pretrained(partial)

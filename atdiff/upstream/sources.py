@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .files import load_checkpoint_file
+from .loading import load_checkpoint_file
 from .keymap import DIFFUSERS_SIGNATURE, TIMM_SIGNATURE, Weights
 
 TRAIN_CHECKPOINT_KEYS = ("model", "ema", "opt", "args")

@@ -1,4 +1,4 @@
-"""Reading checkpoint files safely: tensors, containers and the few classes these files need.
+"""Loading checkpoint files safely: tensors, containers and the few classes these files need.
 
 ``torch.load(weights_only=True)`` unpickles tensors, dicts, lists and plain values only; a checkpoint
 written by a ``train.py`` of DiT/SiT/the ATConv authors also holds its ``argparse.Namespace``, which
@@ -9,7 +9,6 @@ loading never runs code a file carries.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import re
 import zipfile
@@ -50,10 +49,3 @@ def load_checkpoint_file(path: Path) -> Any:
             raise UsageError(f"{path}: no such file") from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
-
-
-def save_checkpoint_file(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a temporary name, so a killed export leaves no half file."""
-    partial = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, partial)
-    os.replace(partial, path)
