@@ -165,6 +165,8 @@ def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: 
     model = build_model(cfg.model)
     set_seed(tcfg.seed, device_specific=True)
     objective = build_objective(cfg.objective)
+    if hasattr(objective, "prepare"):  # e.g. a distillation teacher: onto the device, under the same autocast
+        objective.prepare(accelerator)
     dataset = load_dataset(cfg.data)
     interface = model_interface(model, dataset, objective, cfg)
 
