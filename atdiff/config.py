@@ -287,8 +287,17 @@ def check_init_from(cfg: ModelConfig) -> None:
 
     if not isinstance(cfg.init_from, str):
         raise UsageError(f"model.init_from: expected a folder path, got {cfg.init_from!r}")
-    if cfg.size is not None:
-        raise UsageError("model.size and model.init_from both set the widths; drop model.size (init_from's model gives them)")
+    if cfg.size is not None:  # allowed when it agrees: a from-scratch config can be reused for a conversion
+        from .models import dit_size
+        from .models.conversion import pretrained_config
+
+        pretrained = pretrained_config(cfg.init_from)
+        differing = {k: (v, pretrained.get(k)) for k, v in dit_size(cfg.size).items() if pretrained.get(k) != v}
+        if differing:
+            raise UsageError(
+                f"model.size {cfg.size} disagrees with model.init_from's model on "
+                f"{', '.join(f'{k} ({a} vs {b})' for k, (a, b) in differing.items())}; drop model.size"
+            )
     fitting = {"dit": ("DiTModel",), "unet": ("MixerUNet2DModel", "UNet2DModel")}[cfg.type]
     found = pretrained_class_name(cfg.init_from)
     if found not in fitting:

@@ -105,7 +105,7 @@ def test_init_from_a_diffusers_unet_starts_its_atconv_from_to_v_and_to_out(tmp_p
 def test_init_from_errors(teacher_dir, tmp_path):
     with pytest.raises(UsageError, match="is not a pipeline folder"):
         config(tmp_path, "atconv")
-    with pytest.raises(UsageError, match="drop model.size"):
+    with pytest.raises(UsageError, match=r"model.size XS/2 disagrees with model.init_from's model on hidden_size \(96 vs 32\)"):
         config_from_dict({"model": {"init_from": str(teacher_dir), "size": "XS/2"}, "data": {"dataset": "fashion-mnist"}})
     with pytest.raises(UsageError, match="model.type unet cannot start from"):
         config_from_dict({"model": {"type": "unet", "init_from": str(teacher_dir)}, "data": {"dataset": "fashion-mnist"}})
