@@ -95,7 +95,7 @@ def initialize_from_(target: nn.Module, source: nn.Module) -> Transfer:
     source_modules = dict(source.named_modules())
     for path, module in target.named_modules():
         attn = replaced_attention(source_modules, path) if isinstance(module, ATConv) else None
-        if attn is not None:
+        if attn is not None and fits(module, attn):  # a changed width leaves the layer fresh
             init_atconv_from_attention_(module, attn)
             transfer.from_attention.append(path)
     started = {f"{path}.{p}.{w}" for path in transfer.from_attention for p in ("x_proj", "proj") for w in ("weight", "bias")}
@@ -113,19 +113,29 @@ def replaced_attention(source_modules: dict[str, nn.Module], atconv_path: str) -
     return None
 
 
+Projection = tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias)
+
+
+def attention_projections(attn: nn.Module) -> tuple[Projection, Projection]:
+    """The value and output projections of atdiff's fused-qkv ``SelfAttention`` or diffusers' ``Attention``."""
+    if isinstance(attn, SelfAttention):
+        width = attn.proj.in_features
+        value_bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * width:]
+        return (attn.qkv.weight[2 * width:], value_bias), (attn.proj.weight, attn.proj.bias)  # qkv rows: q, k, v
+    return (attn.to_v.weight, attn.to_v.bias), (attn.to_out[0].weight, attn.to_out[0].bias)
+
+
+def fits(atconv: ATConv, attn: nn.Module) -> bool:
+    (value, _), (output, _) = attention_projections(attn)
+    return atconv.x_proj.weight.shape == value.shape and atconv.proj.weight.shape == output.shape
+
+
 @torch.no_grad()
 def init_atconv_from_attention_(atconv: ATConv, attn: nn.Module) -> None:
     """``x_proj`` <- the attention's value projection, ``proj`` <- its output projection (zero bias
-    where it has none), for atdiff's fused-qkv ``SelfAttention`` and diffusers' ``Attention``."""
-    if isinstance(attn, SelfAttention):
-        width = attn.proj.in_features
-        value = (attn.qkv.weight[2 * width:], None if attn.qkv.bias is None else attn.qkv.bias[2 * width:])  # rows q, k, v
-        output = (attn.proj.weight, attn.proj.bias)
-    else:
-        value = (attn.to_v.weight, attn.to_v.bias)
-        output = (attn.to_out[0].weight, attn.to_out[0].bias)
-    for layer, (weight, bias) in ((atconv.x_proj, value), (atconv.proj, output)):
-        if layer.weight.shape != weight.shape:
-            raise ValueError(f"cannot start a {tuple(layer.weight.shape)} ATConv projection from a {tuple(weight.shape)} attention one")
+    where it has none)."""
+    if not fits(atconv, attn):
+        raise ValueError(f"cannot start ATConv {atconv.extra_repr()} from an attention layer of other widths")
+    for layer, (weight, bias) in zip((atconv.x_proj, atconv.proj), attention_projections(attn)):
         layer.weight.copy_(weight)
         layer.bias.copy_(bias) if bias is not None else layer.bias.zero_()
