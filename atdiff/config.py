@@ -13,7 +13,7 @@ import inspect
 import json
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -452,17 +452,17 @@ def check_teacher(cfg: ExperimentConfig, student: dict[str, Any]) -> None:
         raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")
 
 
-def build_model(model_cfg: ModelConfig) -> ModelMixin:
+def build_model(model_cfg: ModelConfig, report: Callable[[str], None] | None = None) -> ModelMixin:
     """The model a ``model`` section describes: freshly initialised, then given the weights of
-    ``model.init_from`` that fit it (its replaced attention layers starting its ATConv layers)."""
+    ``model.init_from`` that fit it (its replaced attention layers starting its ATConv layers);
+    ``report`` gets a line saying what was copied."""
     model = new_model(model_cfg)
     if model_cfg.init_from:
-        from accelerate import PartialState
-
         from .models.conversion import initialize_from_, load_pretrained
 
         transfer = initialize_from_(model, load_pretrained(model_cfg.init_from))
-        PartialState().print(f"model.init_from {model_cfg.init_from}: {transfer.summary()}")
+        if report is not None:
+            report(f"model.init_from {model_cfg.init_from}: {transfer.summary()}")
     return model
 
 

@@ -162,7 +162,7 @@ def start_training(accelerator: Accelerator, cfg: ExperimentConfig, output_dir: 
 
     # Same initial weights everywhere (DDP also broadcasts them), then per-process noise streams.
     set_seed(tcfg.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, report=accelerator.print)
     set_seed(tcfg.seed, device_specific=True)
     objective = build_objective(cfg.objective)
     if hasattr(objective, "prepare"):  # e.g. a distillation teacher: onto the device, under the same autocast
