@@ -297,3 +297,21 @@ def test_diffusers_pipeline_round_trip_keeps_the_vae(tmp_path):
     assert with_vae.vae is not None
     with pytest.raises(UsageError, match="is not an AutoencoderKL folder"):
         import_checkpoint(tmp_path / "dit.pt", ImportOptions(vae=str(tmp_path)))
+
+
+def test_what_the_weights_do_not_say_is_asked_for(tmp_path):
+    atconv = timm_weights(dit("sit", "atconv"))  # no pos_embed: the latent size is not in the weights
+    torch.save(atconv, tmp_path / "atconv.pt")
+    with pytest.raises(UsageError, match="pass --sample-size"):
+        import_checkpoint(tmp_path / "atconv.pt", ImportOptions(family="sit"))
+    assert import_checkpoint(tmp_path / "atconv.pt", ImportOptions(family="sit", sample_size=8)).model.config.token_mixer == "atconv"
+
+    gvp = {"ema": atconv, "args": argparse.Namespace(model="SiT-XS/2", image_size=64, num_classes=10, path_type="GVP", prediction="velocity")}
+    torch.save(gvp, tmp_path / "gvp.pt")
+    with pytest.raises(UsageError, match="path_type=GVP"):
+        import_checkpoint(tmp_path / "gvp.pt")
+
+    repa = {**atconv, "projectors.0.0.weight": torch.zeros(4, 96)}  # REPA's alignment head is not part of the model
+    torch.save(repa, tmp_path / "repa.pt")
+    with pytest.raises(UsageError, match=r"unexpected \['projectors.0.0.weight'\]"):
+        import_checkpoint(tmp_path / "repa.pt", ImportOptions(family="sit", sample_size=8))
