@@ -58,18 +58,19 @@ def run(args: argparse.Namespace) -> int:
     pipe = import_checkpoint(Path(args.src), options)
     save_pipeline_folder(pipe, out)
     config = pipe.model.config
+    sigma = "learned sigma, " if config.learn_sigma else ""
+    latents_only = pipe.vae is None and config.in_channels == 4  # DiT/SiT work on SD-VAE latents
     print(
         f"imported {args.src} -> {out}: DiTModel {config.token_mixer}, width {config.hidden_size}, depth {config.depth}, "
-        f"{config.num_classes} classes, {'learned sigma, ' if config.learn_sigma else ''}"
-        f"time convention {config.time_convention}, scheduler {type(pipe.scheduler).__name__}"
-        + ("" if pipe.vae is not None else "; no VAE: sampling returns latents (pass --vae)" if config.in_channels == 4 else "")
+        f"{config.num_classes} classes, {sigma}time convention {config.time_convention}, "
+        f"scheduler {type(pipe.scheduler).__name__}{'; no VAE: pass --vae to decode images' if latents_only else ''}"
     )
     return 0
 
 
 def check_out(out: Path) -> None:
     if out.exists():
-        raise UsageError(f"--out {out} already exists; pass a new folder (atdiff never writes over one)")
+        raise UsageError(f"--out {out} already exists; pass a new path (atdiff never writes over one)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,8 +78,11 @@ def check_out(out: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def import_checkpoint(src: Path, options: ImportOptions = ImportOptions()) -> ImageDiffusionPipeline:
+def import_checkpoint(src: Path, options: ImportOptions | None = None) -> ImageDiffusionPipeline:
     """The atdiff pipeline of an upstream checkpoint (see ``atdiff import --help``)."""
+    options = options or ImportOptions()
+    if options.vae:
+        vae_subfolder(Path(options.vae))  # a bad --vae fails before the (possibly large) checkpoint loads
     source = read_source(src, options.weights)
     hints = source_hints(source).overridden_by(options.hints())
     if source.layout == "diffusers":
@@ -128,11 +132,17 @@ def scheduler_for(family: str, learn_sigma: bool, source_config: dict | None) ->
     )
 
 
+def vae_subfolder(path: Path) -> str | None:
+    """``"vae"`` for a pipeline folder, None for an AutoencoderKL folder; a UsageError for anything else."""
+    if (path / "vae" / "config.json").is_file():
+        return "vae"
+    if (path / "config.json").is_file():
+        return None
+    raise UsageError(f"--vae {path} is not an AutoencoderKL folder (no config.json, nor vae/config.json)")
+
+
 def load_vae(path: Path, latent_channels: int) -> AutoencoderKL:
-    subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-    if not (path / (subfolder or "") / "config.json").is_file():
-        raise UsageError(f"--vae {path} is not an AutoencoderKL folder (no config.json, nor vae/config.json)")
-    vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+    vae = AutoencoderKL.from_pretrained(path, subfolder=vae_subfolder(path))
     if vae.config.latent_channels != latent_channels:
         raise UsageError(f"--vae {path} has {vae.config.latent_channels} latent channels, the model {latent_channels}")
     return vae
