@@ -80,14 +80,24 @@ def test_init_from_copies_what_fits_and_starts_atconv_from_the_attention(teacher
         assert torch.count_nonzero(s.mixer.difference_control) == 0
 
 
-def test_init_from_a_diffusers_unet_starts_its_atconv_from_to_v_and_to_out(tmp_path):
+def saved_unet(folder: Path) -> UNet2DModel:
     torch.manual_seed(0)
     unet = perturbed(UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), norm_num_groups=8,
                                  layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D")))
-    unet.save_pretrained(tmp_path / "unet")
-    cfg = config_from_dict({"model": {"type": "unet", "init_from": str(tmp_path / "unet"), "token_mixer": "atconv"},
-                            "data": {"dataset": "fashion-mnist", "resolution": 16}, "training": {"log_with": "none"}})
+    unet.save_pretrained(folder)
+    return unet
+
+
+def unet_config(init_from: Path, **objective):
+    return config_from_dict({"model": {"type": "unet", "init_from": str(init_from), "token_mixer": "atconv"},
+                             "objective": {"type": "ddpm", **objective},
+                             "data": {"dataset": "fashion-mnist", "resolution": 16}, "training": {"log_with": "none"}})
+
+
+def test_init_from_a_diffusers_unet_starts_its_atconv_from_to_v_and_to_out(tmp_path):
+    unet = saved_unet(tmp_path / "unet")
+    cfg = unet_config(tmp_path / "unet")
     student = build_model(cfg.model)
     assert isinstance(student, MixerUNet2DModel)
     source = dict(unet.named_modules())
@@ -135,6 +145,19 @@ def test_distillation_loss_is_zero_for_the_teacher_itself(teacher_dir):
     # a converted student is not the teacher
     converted = build_model(config(teacher_dir, "atconv").model).train()
     assert objective.loss(converted, x0, labels).item() > 0
+
+
+def test_a_converted_unet_distills_from_its_attention_original(tmp_path):
+    saved_unet(tmp_path / "unet")
+    cfg = unet_config(tmp_path / "unet", distill_from=str(tmp_path / "unet"))
+    objective = build_objective(cfg.objective)
+    x0 = torch.randn(2, 1, 16, 16)
+    assert objective.loss(UNet2DModel.from_pretrained(tmp_path / "unet"), x0).item() == 0.0
+    student = build_model(cfg.model)
+    loss = objective.loss(student, x0)
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in objective.teacher.parameters())
 
 
 def test_mixed_distillation_weighs_both_losses(teacher_dir):
