@@ -205,3 +205,19 @@ def test_converted_model_trains_with_distillation_and_the_teacher_stays_out_of_c
     resumed = copy.deepcopy(cfg)
     resumed.training.max_steps = 3
     assert train(resumed, resume="latest").step == 3
+
+
+def test_an_imported_sit_converts_to_atconv_and_keeps_its_time_convention(tmp_path):
+    """The main use: `atdiff import` a SiT, then init_from it with ATConv (here a tiny one, on 1-channel data)."""
+    from atdiff.upstream import export_pipeline, import_checkpoint
+    from atdiff.upstream.architecture import FAMILY_CONFIG
+
+    torch.manual_seed(0)
+    sit = perturbed(DiTModel(**{**DIT, "learn_sigma": True}, token_mixer="attention", **FAMILY_CONFIG["sit"])).eval()
+    export_pipeline(ImageDiffusionPipeline(model=sit, scheduler=FlowMatchingObjective().make_scheduler()), "sit", tmp_path / "sit.pt")
+    import_checkpoint(tmp_path / "sit.pt").save_pretrained(tmp_path / "imported")
+    cfg = config(tmp_path / "imported", "hybrid", {"distill_from": str(tmp_path / "imported")})
+    student = build_model(cfg.model).train()
+    assert student.config.time_convention == "sit" and student.config.learn_sigma
+    loss = build_objective(cfg.objective).loss(student, torch.randn(4, 1, 16, 16), torch.arange(4))
+    assert torch.isfinite(loss) and loss.item() > 0
