@@ -20,6 +20,8 @@ COMMANDS = {
     "fid": ("atdiff.eval.fid", "FID/KID (torch-fidelity) between two image sets"),
     "compare": ("atdiff.eval.compare", "train, sample and evaluate attention vs ATConv configs; write a report"),
     "bench": ("atdiff.eval.bench", "benchmark ATConv vs attention: mixers and whole models"),
+    "import": ("atdiff.upstream.importing", "a DiT/SiT/ATConv-SiT/diffusers checkpoint as an atdiff pipeline folder"),
+    "export": ("atdiff.upstream.exporting", "an atdiff DiTModel pipeline as a DiT/SiT checkpoint or diffusers folder"),
 }
 
 

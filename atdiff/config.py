@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -37,10 +38,13 @@ LR_SCHEDULES = tuple(s.value for s in SchedulerType if s.value != "piecewise_con
 class ModelConfig:
     """``type`` picks the class (``dit``: ``atdiff.DiTModel``, ``unet``: ``atdiff.MixerUNet2DModel``);
     every other key is a keyword argument of that class. ``size: "T/4"`` expands via ``atdiff.dit_size``
-    (keys given explicitly win)."""
+    (keys given explicitly win). ``init_from: PATH`` (a pipeline or model folder) starts from that
+    model: its config is the base the other keys override (e.g. ``token_mixer: atconv``), and every
+    weight that still fits is copied (see ``atdiff.models.conversion``)."""
 
     type: Literal["dit", "unet"] = "dit"
     size: str | None = None
+    init_from: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -50,10 +54,13 @@ class ModelConfig:
         return {"dit": DiTModel, "unet": MixerUNet2DModel}[self.type]
 
     def model_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model_class``: the size's widths, then the explicit keys."""
+        """Keyword arguments for ``model_class``: ``init_from``'s config, the size's widths, then the explicit keys."""
         from .models import dit_size
+        from .models.conversion import pretrained_config
 
-        return {**(dit_size(self.size) if self.size else {}), **self.kwargs}
+        parameters = init_parameters(self.model_class)
+        pretrained = {k: v for k, v in pretrained_config(self.init_from).items() if k in parameters} if self.init_from else {}
+        return {**pretrained, **(dit_size(self.size) if self.size else {}), **self.kwargs}
 
     def resolved(self) -> dict[str, Any]:
         """Every argument the model will be built with, defaults included."""
@@ -65,7 +72,8 @@ class ModelConfig:
         return {**defaults, **self.model_kwargs()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, **({"size": self.size} if self.size else {}), **self.kwargs}
+        optional = {"size": self.size, "init_from": self.init_from}
+        return {"type": self.type, **{k: v for k, v in optional.items() if v}, **self.kwargs}
 
 
 @dataclass
@@ -245,7 +253,10 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
     if model_type not in MODEL_TYPES:
         raise UsageError(f"model.type: {model_type!r} is not one of {list(MODEL_TYPES)}")
     size = values.pop("size", None)
-    cfg = ModelConfig(type=model_type, size=size, kwargs=values)
+    init_from = values.pop("init_from", None)
+    cfg = ModelConfig(type=model_type, size=size, init_from=init_from, kwargs=values)
+    if init_from is not None:
+        check_init_from(cfg)
     if size is not None:
         if model_type != "dit":
             raise UsageError(f"model.size applies to model.type dit only; give the {model_type} widths as its own keys")
@@ -269,6 +280,28 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
         if values["token_mixer"] not in TOKEN_MIXERS:
             raise UsageError(f"model.token_mixer: {values['token_mixer']!r} is not one of {list(TOKEN_MIXERS)}")
     return cfg
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    from .models.conversion import pretrained_class_name
+
+    if not isinstance(cfg.init_from, str):
+        raise UsageError(f"model.init_from: expected a folder path, got {cfg.init_from!r}")
+    if cfg.size is not None:  # allowed when it agrees: a from-scratch config can be reused for a conversion
+        from .models import dit_size
+        from .models.conversion import pretrained_config
+
+        pretrained = pretrained_config(cfg.init_from)
+        differing = {k: (v, pretrained.get(k)) for k, v in dit_size(cfg.size).items() if pretrained.get(k) != v}
+        if differing:
+            raise UsageError(
+                f"model.size {cfg.size} disagrees with model.init_from's model on "
+                f"{', '.join(f'{k} ({a} vs {b})' for k, (a, b) in differing.items())}; drop model.size"
+            )
+    fitting = {"dit": ("DiTModel",), "unet": ("MixerUNet2DModel", "UNet2DModel")}[cfg.type]
+    found = pretrained_class_name(cfg.init_from)
+    if found not in fitting:
+        raise UsageError(f"model.init_from {cfg.init_from} holds a {found}, which model.type {cfg.type} cannot start from; set model.type accordingly")
 
 
 def did_you_mean(key: str, valid: Iterable[str]) -> str:
@@ -315,6 +348,7 @@ RANGES: dict[str, str] = {
     "training.checkpoints_total_limit": "[1, inf)",
     "training.log_every": "[1, inf)",
     "objective.num_train_timesteps": "[1, inf)",
+    "objective.distill_weight": "(0, 1]",
     "data.resolution": "[1, inf)",
     "data.num_workers": "[0, inf)",
     "sampling.num_inference_steps": "[1, inf)",
@@ -390,11 +424,56 @@ def check_values(cfg: ExperimentConfig) -> None:
     size = model.get("sample_size")
     if size is not None and not d.vae and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
         raise UsageError(f"model.sample_size is {size} but data.resolution is {d.resolution}; make them equal")
+    check_time_convention(cfg, model)
+    if cfg.objective.distill_from:
+        check_teacher(cfg, model)
     check_model(cfg.model)
 
 
-def build_model(model_cfg: ModelConfig) -> ModelMixin:
-    """The model a ``model`` section describes, freshly initialised."""
+def check_time_convention(cfg: ExperimentConfig, model: dict[str, Any]) -> None:
+    """A SiT-convention model (imported from SiT) reads the timestep 1000 * sigma of atdiff's flow objective."""
+    from .models.dit import SIT_TIMESTEPS
+
+    o = cfg.objective
+    if model.get("time_convention") == "sit" and (o.type != "flow_matching" or o.num_train_timesteps != SIT_TIMESTEPS):
+        raise UsageError(
+            f"model.time_convention is sit (a SiT network), which trains with objective.type=flow_matching and "
+            f"objective.num_train_timesteps={SIT_TIMESTEPS}; got {o.type} with {o.num_train_timesteps}"
+        )
+
+
+def check_teacher(cfg: ExperimentConfig, student: dict[str, Any]) -> None:
+    """The distillation teacher takes the student's inputs, predicts what the objective trains, and drops
+    labels at the same rate (its label dropout replays the student's random draws)."""
+    from .models.conversion import pretrained_config
+
+    path = cfg.objective.distill_from
+    teacher = pretrained_config(path)  # a UsageError unless a pipeline or model folder
+    for key in ("in_channels", "sample_size", "num_classes", "class_dropout_prob"):
+        if key in teacher and teacher[key] != student.get(key):
+            raise UsageError(f"objective.distill_from {path}: the teacher's {key} is {teacher[key]}, the student's {student.get(key)}; they must match")
+    index = Path(path, "model_index.json")
+    predicts = json.loads(index.read_text()).get("prediction_type") if index.is_file() else None
+    trains = "flow_prediction" if cfg.objective.type == "flow_matching" else cfg.objective.prediction_type
+    if predicts is not None and predicts != trains:
+        raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")
+
+
+def build_model(model_cfg: ModelConfig, report: Callable[[str], None] | None = None) -> ModelMixin:
+    """The model a ``model`` section describes: freshly initialised, then given the weights of
+    ``model.init_from`` that fit it (its replaced attention layers starting its ATConv layers);
+    ``report`` gets a line saying what was copied."""
+    model = new_model(model_cfg)
+    if model_cfg.init_from:
+        from .models.conversion import initialize_from_, load_pretrained
+
+        transfer = initialize_from_(model, load_pretrained(model_cfg.init_from))
+        if report is not None:
+            report(f"model.init_from {model_cfg.init_from}: {transfer.summary()}")
+    return model
+
+
+def new_model(model_cfg: ModelConfig) -> ModelMixin:
     try:
         return model_cfg.model_class(**model_cfg.model_kwargs())
     # Bad widths that the class does not check itself fail in torch (negative sizes) or in arithmetic.
@@ -406,4 +485,4 @@ def check_model(model_cfg: ModelConfig) -> None:
     """Build the model on the meta device (no memory, milliseconds) so that arguments it rejects fail at
     load, before a run folder or an output exists."""
     with torch.device("meta"):
-        build_model(model_cfg)
+        new_model(model_cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,15 +23,24 @@ def temp_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write with any writer; renamed to ``path`` when the block ends,
-    so ``path`` holds either its old content or all of the new one. Removed if the block fails (disk full)."""
+    """A temporary sibling of ``path`` to write with any writer, a file or a folder (``save_pretrained``);
+    renamed to ``path`` when the block ends, so ``path`` holds either its old content or all of the new
+    one. Removed if the block fails (disk full), and first if a killed attempt left it."""
     partial = temp_path(path)
+    remove_temp(partial)
     try:
         yield partial
     except BaseException:
-        partial.unlink(missing_ok=True)
+        remove_temp(partial)
         raise
     os.replace(partial, path)
+
+
+def remove_temp(partial: Path) -> None:
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    else:
+        partial.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:

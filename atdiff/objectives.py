@@ -5,10 +5,15 @@ scheduler that samples from what it trained. The model is called as
 ``model(x_t, timestep, class_labels).sample``; learned-sigma models append variance channels,
 which these objectives leave untrained (as SiT does): only the first ``C`` output channels enter
 the loss, and the schedulers use fixed variances.
+
+Each objective draws its noisy inputs, timesteps and regression targets in ``training_inputs``;
+``DistillationObjective`` reuses them to make a student match a frozen teacher.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -30,14 +35,22 @@ class ObjectiveConfig:
     # ddpm only
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    # Distillation: match this pipeline folder's (frozen) model at the same noisy inputs and times;
+    # the loss is (1 - distill_weight) * the objective's own + distill_weight * the teacher-matching one.
+    distill_from: str | None = None
+    distill_weight: float = 1.0
 
 
-def build_objective(cfg: ObjectiveConfig) -> DDPMObjective | FlowMatchingObjective:
+def build_objective(cfg: ObjectiveConfig) -> DDPMObjective | FlowMatchingObjective | DistillationObjective:
     if cfg.type == "ddpm":
-        return DDPMObjective(cfg.prediction_type, cfg.num_train_timesteps, cfg.beta_schedule)
-    if cfg.type == "flow_matching":
-        return FlowMatchingObjective(cfg.num_train_timesteps, cfg.timestep_sampling)
-    raise ValueError(f"objective.type must be one of {list(OBJECTIVES)}, got {cfg.type!r}")
+        objective = DDPMObjective(cfg.prediction_type, cfg.num_train_timesteps, cfg.beta_schedule)
+    elif cfg.type == "flow_matching":
+        objective = FlowMatchingObjective(cfg.num_train_timesteps, cfg.timestep_sampling)
+    else:
+        raise ValueError(f"objective.type must be one of {list(OBJECTIVES)}, got {cfg.type!r}")
+    if cfg.distill_from:
+        return DistillationObjective(objective, cfg.distill_from, cfg.distill_weight)
+    return objective
 
 
 def mean_prediction(model, x_t: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
@@ -63,14 +76,17 @@ class DDPMObjective:
     def make_scheduler(self) -> DDPMScheduler:
         return DDPMScheduler.from_config(self.noise_scheduler.config)
 
-    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, timestep, target) for clean images ``x0``."""
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         if self.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(x0, noise, t)
+            return x_t, t, noise
+        return x_t, t, self.noise_scheduler.get_velocity(x0, noise, t)
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        x_t, t, target = self.training_inputs(x0)
         return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
 
 
@@ -89,7 +105,8 @@ class FlowMatchingObjective:
     def make_scheduler(self) -> FlowMatchEulerDiscreteScheduler:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
 
-    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, timestep, target velocity) for clean images ``x0``."""
         noise = torch.randn_like(x0)
         sigma = compute_density_for_timestep_sampling(
             "logit_normal" if self.timestep_sampling == "logit_normal" else "none",
@@ -100,5 +117,53 @@ class FlowMatchingObjective:
         )
         s = sigma.view(-1, *[1] * (x0.dim() - 1))
         x_t = (1 - s) * x0 + s * noise
-        prediction = mean_prediction(model, x_t, sigma * self.num_train_timesteps, class_labels)
-        return F.mse_loss(prediction.float(), (noise - x0).float())
+        return x_t, sigma * self.num_train_timesteps, noise - x0
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        x_t, t, target = self.training_inputs(x0)
+        return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
+
+
+class DistillationObjective:
+    """Train a student to match a frozen teacher (e.g. the attention model an ATConv one was converted
+    from) at the noisy inputs and times ``objective`` draws, alone (``weight=1``) or mixed with
+    ``objective``'s own regression: ``(1 - weight) * own + weight * distillation``.
+
+    The teacher (a pipeline or model folder) is loaded on first use, or by ``prepare``, which puts it
+    on the training device and runs it under the student's autocast. It is never registered with the
+    accelerator or the optimizer, so no checkpoint holds it. Its label dropout draws the same random
+    numbers as the student's (the RNG is replayed), so both see the same labels dropped.
+    """
+
+    def __init__(self, objective, teacher_path: str, weight: float = 1.0):
+        self.objective, self.teacher_path, self.weight = objective, teacher_path, weight
+        self.teacher = None
+        self.autocast: Callable = nullcontext
+
+    def make_scheduler(self):
+        return self.objective.make_scheduler()
+
+    def prepare(self, accelerator) -> None:
+        """Teacher on the accelerator's device, under its mixed-precision autocast."""
+        self.load_teacher().to(accelerator.device)
+        self.autocast = accelerator.autocast
+
+    def load_teacher(self):
+        if self.teacher is None:
+            from .models.conversion import load_pretrained
+
+            self.teacher = load_pretrained(self.teacher_path).eval().requires_grad_(False)
+        return self.teacher
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        teacher = self.load_teacher()
+        x_t, t, target = self.objective.training_inputs(x0)
+        teacher.train(model.training)  # label dropout on in both, or in neither
+        devices = [x0.device] if x0.device.type == "cuda" else []
+        with torch.no_grad(), self.autocast(), torch.random.fork_rng(devices=devices):
+            teacher_prediction = mean_prediction(teacher, x_t, t, class_labels)
+        prediction = mean_prediction(model, x_t, t, class_labels).float()
+        distillation = F.mse_loss(prediction, teacher_prediction.float())
+        if self.weight == 1:
+            return distillation
+        return (1 - self.weight) * F.mse_loss(prediction, target.float()) + self.weight * distillation

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -165,8 +165,9 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             cond, uncond = out.chunk(2)
             guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
             out = torch.cat([guided, cond[:, channels:]], dim=1)
-        # Learned-sigma channels follow the prediction; only a scheduler with learned variance reads them.
-        if self.scheduler.config.get("variance_type") in ("learned", "learned_range"):
+        # Learned-sigma channels follow the prediction; only DDPM's learned variance reads them (a
+        # scheduler built from its config by from_config keeps variance_type there without using it).
+        if isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in ("learned", "learned_range"):
             return out
         return out[:, :channels]
 

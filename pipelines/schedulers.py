@@ -36,7 +36,9 @@ def _flow_dpm_solver(config: dict[str, Any]) -> SchedulerMixin:
 DDPM_SCHEDULERS = {
     "ddpm": DDPMScheduler.from_config,
     "ddim": DDIMScheduler.from_config,
-    "dpm++": DPMSolverMultistepScheduler.from_config,
+    # variance_type=None: DPM-Solver's learned-variance path keeps 3 channels (pixel models); the
+    # pipeline hands it the mean channels only.
+    "dpm++": lambda config: DPMSolverMultistepScheduler.from_config(config, variance_type=None),
     "euler": EulerDiscreteScheduler.from_config,
     "heun": HeunDiscreteScheduler.from_config,
 }

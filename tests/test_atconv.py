@@ -142,3 +142,42 @@ def test_torch_compile():
     x = torch.randn(2, 48, 16)
     compiled = torch.compile(m)
     torch.testing.assert_close(compiled(x, (6, 8)), m(x, (6, 8)), rtol=1e-5, atol=1e-5)
+
+
+def reference_attnet_atconv(m: ATConv, fmap: torch.Tensor) -> torch.Tensor:
+    """The authors' ImageNet AttNet ATConv on a feature map: 1x1 convs, exact GELU, one grouped conv."""
+    B, C, H, W = fmap.shape
+    k = m.kernel_size
+    t = F.conv2d(fmap, m.kernel_proj.weight, m.kernel_proj.bias).view(B, C, H * W)
+    kernels = m.kernel_gen(F.gelu(F.adaptive_avg_pool1d(t, k * k))).reshape(B, C, k, k)
+    kernels = kernels - torch.sigmoid(m.difference_control).view(1, -1, 1, 1) * kernels.mean((2, 3), keepdim=True)
+    v = F.conv2d(fmap, m.x_proj.weight, m.x_proj.bias).reshape(1, B * C, H, W)
+    out = F.conv2d(v, kernels.reshape(B * C, 1, k, k), padding=k // 2, groups=B * C).reshape(B, C, H, W)
+    return F.conv2d(out, m.proj.weight, m.proj.bias)
+
+
+def test_attnet_layout_loads_and_matches_the_authors_computation():
+    """AttNet stores kernel_proj/x_proj/proj as 1x1 convs and uses exact GELU: both are options."""
+    m = make(weight_layout="conv1x1", activation="gelu")
+    shapes = {name: tuple(p.shape) for name, p in m.state_dict().items()}
+    assert shapes["kernel_proj.weight"] == shapes["x_proj.weight"] == shapes["proj.weight"] == (16, 16, 1, 1)
+    assert shapes["kernel_gen.weight"] == (9, 9)
+    fmap = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(m(fmap), reference_attnet_atconv(m, fmap), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_layouts_compute_the_same_and_activations_differ():
+    conv = make(weight_layout="conv1x1")
+    linear = ATConv(16)
+    linear.load_state_dict({k: v.flatten(1) if v.dim() == 4 else v for k, v in conv.state_dict().items()})
+    x = torch.randn(2, 36, 16)
+    assert torch.equal(conv(x), linear(x))
+    exact = make(weight_layout="conv1x1", activation="gelu")
+    assert not torch.equal(exact(x), conv(x))
+
+
+def test_bad_layout_and_activation():
+    with pytest.raises(ValueError, match="weight_layout"):
+        ATConv(8, weight_layout="conv3x3")
+    with pytest.raises(ValueError, match="activation"):
+        ATConv(8, activation="relu")

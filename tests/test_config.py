@@ -164,7 +164,8 @@ BAD_VALUES = [
     ("training.seed", -1), ("training.max_steps", 0), ("training.batch_size", 0), ("training.gradient_accumulation_steps", 0),
     ("training.lr_warmup_steps", -1), ("training.sample_every", -1), ("training.checkpoint_every", -5),
     ("training.num_sample_images", 0), ("training.checkpoints_total_limit", 0), ("training.log_every", 0),
-    ("objective.num_train_timesteps", 0), ("data.resolution", -32), ("data.num_workers", -1),
+    ("objective.num_train_timesteps", 0), ("objective.distill_weight", 0), ("objective.distill_weight", 1.5),
+    ("data.resolution", -32), ("data.num_workers", -1),
     ("sampling.num_inference_steps", 0), ("sampling.guidance_scale", float("nan")),
 ]
 

@@ -40,6 +40,10 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 }
 PATCH_SIZES = (2, 4, 8)
 
+# How the network reads its timestep and what its output means (see DiTModel).
+TIME_CONVENTIONS = ("atdiff", "sit")
+SIT_TIMESTEPS = 1000  # atdiff's flow timestep is 1000 * sigma (objective.num_train_timesteps)
+
 
 def dit_size(name: str) -> dict[str, int]:
     """Config kwargs for a DiT size name such as ``"S/2"`` or ``"T/4"``."""
@@ -84,11 +88,11 @@ class FeedForward(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero block: only ``mixer`` differs between attention and ATConv models."""
 
-    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float):
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float, mlp_norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mixer = mixer
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = FeedForward(dim, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -137,6 +141,18 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
     ``forward(sample, timestep, class_labels)`` returns the noise/velocity prediction with
     ``out_channels`` = ``in_channels`` (the learned-sigma channels, if any, follow in channels
     ``in_channels:``). ``class_labels == num_classes`` is the null label used for guidance.
+
+    Constants that differ between the upstream codebases, so that their weights compute here what
+    they computed there (``atdiff import`` sets them; the defaults are DiT's):
+
+    - ``time_convention``: ``"atdiff"`` feeds ``timestep`` to the embedder as is and returns the
+      prediction as is (DDPM's epsilon, or the flow velocity noise - data at timestep 1000 * sigma).
+      ``"sit"``: the network is a SiT one, trained on t = 1 - sigma in [0, 1] (t = 1 is data) to
+      predict data - noise; it is fed ``1 - timestep / 1000`` and its output negated, so it plugs
+      into atdiff's flow-matching objective and schedulers unchanged.
+    - ``timestep_freq_shift``: ``downscale_freq_shift`` of the sinusoidal timestep embedding (DiT/SiT
+      0, diffusers' ``DiTTransformer2DModel`` 1).
+    - ``mlp_norm_eps``: epsilon of the LayerNorm before each MLP (DiT/SiT 1e-6, diffusers 1e-5).
     """
 
     _supports_gradient_checkpointing = False
@@ -158,8 +174,13 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         atconv_kernel_size: int = 3,
         atconv_pooling: str = "1d",
         atconv_inhibition: bool = True,
+        time_convention: str = "atdiff",
+        timestep_freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
+        if time_convention not in TIME_CONVENTIONS:
+            raise ValueError(f"time_convention must be one of {TIME_CONVENTIONS}, got {time_convention!r}")
         height, width = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
         check_arguments(
             sample_size=min(height, width), patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
@@ -181,13 +202,13 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         )
         if use_pos_embed:
             self.x_embedder.pos_embed = sincos_position_table(hidden_size, self.grid)
-        self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.t_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=timestep_freq_shift)
         self.t_embedder = TimestepEmbedding(256, hidden_size)
         self.y_embedder = LabelEmbedding(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
 
         atconv_kwargs = dict(kernel_size=atconv_kernel_size, pooling=atconv_pooling, inhibition=atconv_inhibition)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, token_mixer_for(kind, hidden_size, num_heads, atconv_kwargs), mlp_ratio)
+            DiTBlock(hidden_size, token_mixer_for(kind, hidden_size, num_heads, atconv_kwargs), mlp_ratio, mlp_norm_eps)
             for kind in mixers
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
@@ -236,6 +257,9 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         batch = sample.shape[0]
         timestep = torch.as_tensor(timestep, device=sample.device)
         timestep = timestep.expand(batch) if timestep.dim() == 0 else timestep
+        sit = self.config.time_convention == "sit"
+        if sit:  # SiT's time runs the other way: t = 1 - sigma
+            timestep = 1 - timestep.float() / SIT_TIMESTEPS
 
         x = self.x_embedder(sample)
         c = self.t_embedder(self.t_proj(timestep).to(x.dtype))
@@ -246,6 +270,8 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         for block in self.blocks:
             x = block(x, c, self.grid)
         out = self.unpatchify(self.final_layer(x, c))
+        if sit:  # SiT predicts data - noise, atdiff's flow noise - data
+            out = -out
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from ..nn.atconv import ATConv
 from ..nn.mixer import check_token_mixer, layer_mixers
 from .common import AtdiffModelMixin, realign_cpu_tensors_
+from .conversion import init_atconv_from_attention_
 
 INITS = ("fresh", "from_attention")
 
@@ -93,8 +94,7 @@ class ATConvAttention(nn.Module):
             nn.init.zeros_(layer.bias)
         atconv.to(device=attn.to_v.weight.device, dtype=attn.to_v.weight.dtype)
         if init == "from_attention":
-            copy_linear_(atconv.x_proj, attn.to_v)
-            copy_linear_(atconv.proj, attn.to_out[0])
+            init_atconv_from_attention_(atconv, attn)
         return cls(
             atconv,
             group_norm=attn.group_norm,
@@ -147,18 +147,6 @@ class ATConvAttention(nn.Module):
                 f"layer.grid = (H, W) first"
             )
         return side, side
-
-
-@torch.no_grad()
-def copy_linear_(target: nn.Linear, source: nn.Linear) -> None:
-    """Copy ``source``'s weight and bias into ``target`` (zero bias where ``source`` has none)."""
-    if target.weight.shape != source.weight.shape:
-        raise ValueError(f"cannot copy a {tuple(source.weight.shape)} linear into a {tuple(target.weight.shape)} one")
-    target.weight.copy_(source.weight)
-    if source.bias is None:
-        target.bias.zero_()
-    else:
-        target.bias.copy_(source.bias)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ from torch import nn
 from .functional import CONV_IMPLS, per_sample_depthwise_conv2d
 
 POOLINGS = ("1d", "2d")
+# "linear": nn.Linear projections (the authors' SiT integration); "conv1x1": 1x1 nn.Conv2d weights
+# of shape (out, in, 1, 1) (the authors' ImageNet AttNet), so either file loads as is.
+WEIGHT_LAYOUTS = ("linear", "conv1x1")
+# GELU of the kernel generator: tanh approximation (SiT integration) or exact erf (AttNet).
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
 def resolve_grid(num_tokens: int, grid: tuple[int, int] | None) -> tuple[int, int]:
@@ -50,6 +55,11 @@ class ATConv(nn.Module):
         inhibition: subtract ``sigmoid(difference_control)`` times the kernel mean (paper: on).
         conv_impl: per-sample depthwise conv implementation (``"auto"`` picks the fastest measured
             for the device and grid size; see ``atdiff.nn.functional``).
+        weight_layout: ``"linear"`` (``kernel_proj``, ``x_proj``, ``proj`` are ``nn.Linear``, as in the
+            authors' SiT) or ``"conv1x1"`` (1x1 ``nn.Conv2d``, as in their ImageNet AttNet); the same
+            computation either way, only the stored weight shapes differ.
+        activation: ``"gelu_tanh"`` (the authors' SiT) or ``"gelu"`` (exact, their AttNet) in the
+            kernel generator.
 
     Input: tokens ``(B, N, C)`` with ``grid=(H, W)`` (square if omitted), or a feature map
     ``(B, C, H, W)``. Output has the same layout, with ``out_dim`` channels.
@@ -66,6 +76,8 @@ class ATConv(nn.Module):
         pooling: str = "1d",
         inhibition: bool = True,
         conv_impl: str = "auto",
+        weight_layout: str = "linear",
+        activation: str = "gelu_tanh",
     ):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -74,6 +86,10 @@ class ATConv(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if conv_impl not in ("auto",) + CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {('auto',) + CONV_IMPLS}, got {conv_impl!r}")
+        if weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"weight_layout must be one of {WEIGHT_LAYOUTS}, got {weight_layout!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         inner_dim = inner_dim or dim
         out_dim = out_dim or dim
         self.dim, self.inner_dim, self.out_dim = dim, inner_dim, out_dim
@@ -81,19 +97,22 @@ class ATConv(nn.Module):
         self.pooling = pooling
         self.inhibition = inhibition
         self.conv_impl = conv_impl
+        self.weight_layout = weight_layout
+        self.activation = activation
 
         k2 = kernel_size * kernel_size
-        self.kernel_proj = nn.Linear(dim, inner_dim, bias=bias)
+        self.kernel_proj = projection(dim, inner_dim, bias, weight_layout)
         self.kernel_gen = nn.Linear(k2, k2, bias=bias)
-        self.x_proj = nn.Linear(dim, inner_dim, bias=bias)
-        self.proj = nn.Linear(inner_dim, out_dim, bias=bias)
+        self.x_proj = projection(dim, inner_dim, bias, weight_layout)
+        self.proj = projection(inner_dim, out_dim, bias, weight_layout)
         # sigmoid(0) = 0.5: inhibition starts at half the kernel mean, as in the paper.
         self.difference_control = nn.Parameter(torch.zeros(inner_dim))
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, inner_dim={self.inner_dim}, out_dim={self.out_dim}, kernel_size={self.kernel_size}, "
-            f"pooling={self.pooling!r}, inhibition={self.inhibition}, conv_impl={self.conv_impl!r}"
+            f"pooling={self.pooling!r}, inhibition={self.inhibition}, conv_impl={self.conv_impl!r}, "
+            f"weight_layout={self.weight_layout!r}, activation={self.activation!r}"
         )
 
     @staticmethod
@@ -121,8 +140,9 @@ class ATConv(nn.Module):
         """
         B = x.shape[0]
         k = self.kernel_size
-        context = self.kernel_proj(self.pool(x, H, W))  # (B, k*k, inner)
-        kernels = self.kernel_gen(F.gelu(context.transpose(1, 2), approximate="tanh"))  # (B, inner, k*k)
+        context = project(self.kernel_proj, self.pool(x, H, W))  # (B, k*k, inner)
+        context = F.gelu(context.transpose(1, 2), approximate=ACTIVATIONS[self.activation])
+        kernels = self.kernel_gen(context)  # (B, inner, k*k)
         if self.inhibition:
             factor = torch.sigmoid(self.difference_control).to(kernels.dtype).unsqueeze(-1)
             kernels = kernels - factor * kernels.mean(dim=-1, keepdim=True)
@@ -146,6 +166,19 @@ class ATConv(nn.Module):
         if C != self.dim:
             raise ValueError(f"ATConv(dim={self.dim}) got {C} input channels")
         kernels = self.generate_kernels(x, H, W)
-        values = self.x_proj(x).view(B, H, W, self.inner_dim)
+        values = project(self.x_proj, x).view(B, H, W, self.inner_dim)
         mixed = per_sample_depthwise_conv2d(values, kernels, self.conv_impl)
-        return self.proj(mixed.reshape(B, N, self.inner_dim))
+        return project(self.proj, mixed.reshape(B, N, self.inner_dim))
+
+
+def projection(in_dim: int, out_dim: int, bias: bool, weight_layout: str) -> nn.Module:
+    """A channel projection stored as ``nn.Linear`` or, in AttNet's layout, as a 1x1 ``nn.Conv2d``."""
+    if weight_layout == "conv1x1":
+        return nn.Conv2d(in_dim, out_dim, kernel_size=1, bias=bias)
+    return nn.Linear(in_dim, out_dim, bias=bias)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a ``projection`` to channels-last tokens (B, ..., C): a 1x1 conv is a linear map with its
+    weight viewed as (out, in), and applying both as one ``F.linear`` keeps the two layouts bit-identical."""
+    return F.linear(x, layer.weight.flatten(1), layer.bias)

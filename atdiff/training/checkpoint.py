@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_model, save_model
 
-from ..config import build_model, load_config
+from ..config import load_config, new_model
 from ..latents import load_vae
 from ..errors import UsageError
 from ..files import sha256_of, temp_path, write_atomic
@@ -289,7 +289,7 @@ def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
     except CheckpointError as err:
         raise UsageError(f"{checkpoint}: {err}") from None
     cfg = load_config(checkpoint.parent / "config.yaml")
-    model = build_model(cfg.model)
+    model = new_model(cfg.model)  # every parameter comes from the EMA: no model.init_from weights to copy
     ema = EMAModel(model.parameters())
     ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
     ema.copy_to(model.parameters())
