@@ -11,10 +11,15 @@ class UsageError(ValueError):
     """Bad input (config key, path, option value) found before any work; the message names the fix."""
 
 
+def one_line(message: str) -> str:
+    """``message`` with its line breaks and runs of spaces collapsed (library messages often span lines)."""
+    return " ".join(message.split())
+
+
 def os_error_line(err: OSError) -> str:
     """An OSError as one line that names the path: ``cannot write out/x.png: No space left on device``."""
     paths = " -> ".join(os.fspath(p) for p in (err.filename, err.filename2) if p is not None)
-    reason = " ".join((err.strerror or str(err)).split())  # diffusers' messages span lines
+    reason = one_line(err.strerror or str(err))
     return f"{paths}: {reason}" if paths else reason
 
 

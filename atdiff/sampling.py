@@ -25,7 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from .errors import UsageError, writing_to
+from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, write_atomic
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder, read_model_index
@@ -240,7 +240,12 @@ def load_pipeline(pipeline_dir: Path, scheduler: str | None, device: str) -> Ima
     from ``SCHEDULER_NAMES``; None keeps the folder's own)."""
     check_device(device)
     check_pipeline_dir(pipeline_dir)
-    pipe = ImageDiffusionPipeline.from_pretrained(pipeline_dir)
+    try:
+        pipe = ImageDiffusionPipeline.from_pretrained(pipeline_dir)
+    # diffusers' errors for a folder whose files do not describe a loadable pipeline (a class the library
+    # lacks, weights that do not fit the config, ...): the folder is the user's input.
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
+        raise UsageError(f"{pipeline_dir} does not load as an atdiff pipeline: {one_line(str(err))}") from err
     if scheduler is not None:
         try:
             pipe.scheduler = scheduler_by_name(scheduler, pipe.scheduler.config, pipe.config.prediction_type)

@@ -38,6 +38,19 @@ def num_classes_of(model: ModelMixin) -> int:
     return getattr(config, "num_classes", 0) or 0
 
 
+def check_all_weights_loaded(pipe: DiffusionPipeline, folder: str | os.PathLike) -> None:
+    """Refuse components with parameters their weights file lacked: diffusers only warns and leaves them
+    on the meta device, where the first forward fails far from the cause."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            missing = [n for n, p in component.named_parameters() if p.is_meta]
+            if missing:
+                raise ValueError(
+                    f"{folder}/{name}: {len(missing)} parameters of {type(component).__name__} are not in its weights "
+                    f"file (e.g. {missing[0]}); the weights were saved from another class or config"
+                )
+
+
 class ImageDiffusionPipeline(DiffusionPipeline):
     r"""Sample images from an atdiff denoiser (``DiTModel``, ``MixerUNet2DModel``, ...).
 
@@ -95,7 +108,10 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         comes from the installed ``atdiff`` or ``diffusers``: anything else is refused."""
         if not trust_remote_code:
             check_no_code_from_folder(pretrained_model_name_or_path, cls)
-        return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+        if kwargs.get("device_map") is None:  # without one, nothing is meant to stay on the meta device
+            check_all_weights_loaded(pipe, pretrained_model_name_or_path)
+        return pipe
 
     @classmethod
     def load_config(cls, *args, **kwargs):

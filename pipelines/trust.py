@@ -47,7 +47,10 @@ def check_no_code_from_folder(folder: str | os.PathLike, pipeline_class: type) -
     class_name = index.get("_class_name")
     if isinstance(class_name, list) and class_name[1:] != [pipeline_class.__name__]:
         raise UsageError(f"{folder}/model_index.json names the pipeline class {class_name}, not {pipeline_class.__name__}; {fix}")
+    components, _ = pipeline_class._get_signature_keys(pipeline_class)
     for name, entry in index.items():
+        if name in components and not (isinstance(entry, list) and len(entry) == 2):
+            raise UsageError(f"{folder}/model_index.json: component {name!r} is {entry!r}, not a [library, class] pair")
         if name in NOT_COMPONENTS or not isinstance(entry, list) or entry[:1] == [None]:
             continue
         library = entry[0]

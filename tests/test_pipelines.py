@@ -128,6 +128,18 @@ def test_component_library_other_than_atdiff_or_diffusers_is_refused(saved, tmp_
         ImageDiffusionPipeline.from_pretrained(copy)
 
 
+def test_swapped_unet_named_as_the_stock_class_is_refused(tmp_path):
+    """A pipeline folder whose model_index.json names UNet2DModel for a MixerUNet2DModel's weights: diffusers
+    would return a model whose attention was never loaded; the pipeline refuses it, naming a missing weight."""
+    from test_unet import tiny as tiny_unet
+
+    ImageDiffusionPipeline(model=tiny_unet("atconv"), scheduler=DDPMScheduler()).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps({**index, "model": ["diffusers", "UNet2DModel"]}))
+    with pytest.raises(ValueError, match=r"model: \d+ parameters of UNet2DModel are not in its weights file \(e.g. [\w.]*attentions"):
+        ImageDiffusionPipeline.from_pretrained(tmp_path)
+
+
 def test_unet_denoiser_round_trip(tmp_path):
     from test_unet import tiny as tiny_unet
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,27 @@ def test_tampered_pipeline_folder_runs_no_code(ddpm_dir, tmp_path, capsys):
     assert "component 'model' comes from 'evil'" in error_of(capsys)
     assert not any(marker.exists() for marker in markers) and sorted(p.name for p in copy.iterdir()) == [
         "model", "model_index.json", "pipeline.py", "scheduler"]
+
+
+@pytest.mark.parametrize(
+    "entry, needle",
+    [
+        ("DiTModel", "component 'model' is 'DiTModel', not a [library, class] pair"),
+        (["atdiff"], "not a [library, class] pair"),
+        (["atdiff", "NoSuchModel"], "does not load as an atdiff pipeline: `atdiff` has no class `NoSuchModel`"),
+        (["atdiff.cli", "main"], "does not load as an atdiff pipeline"),
+        (["diffusers", "UNet2DModel"], "parameters of UNet2DModel are not in its weights file"),
+    ],
+)
+def test_model_index_that_does_not_load_is_one_line(ddpm_dir, tmp_path, capsys, entry, needle):
+    copy = tmp_path / "copy"
+    shutil.copytree(ddpm_dir, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "model": entry}))
+    assert sample(copy, tmp_path / "x", "--num-images", "1") == 2
+    last_line = error_of(capsys).splitlines()[-1]
+    assert last_line.startswith("atdiff sample: error: ") and needle in last_line
+    assert not (tmp_path / "x").exists()
 
 
 def test_existing_outputs_are_never_overwritten(ddpm_dir, tmp_path, capsys):
