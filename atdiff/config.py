@@ -151,6 +151,8 @@ def flat_config(cfg: ExperimentConfig) -> dict[str, str | int | float | bool]:
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Read a YAML config, apply ``section.key=value`` overrides (values parsed as YAML), validate."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"--config: {str(path)!r} is a folder; pass a YAML file (the configs/ folder holds examples)")
     if not path.is_file():
         raise UsageError(f"--config: no such file {str(path)!r}; the configs/ folder holds examples")
     try:

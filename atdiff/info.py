@@ -15,6 +15,7 @@ import torch
 from .config import build_model, load_config
 from .errors import UsageError
 from .nn.mixer import TOKEN_MIXERS
+from .sampling import check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,7 @@ def forward_seconds(model: torch.nn.Module, batch_size: int, repeats: int, devic
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.repeats < 1:
         raise UsageError("--batch-size and --repeats must be at least 1")
+    check_device(args.device)
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
     name = f"{cfg.model.type} {cfg.model.size or ''}".strip()

@@ -11,6 +11,7 @@ once all of them exist. Each output records the settings it was sampled with (a 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -274,8 +275,10 @@ def sample_into_folder(
         pipe.check_guidance(settings.guidance)
         if settings.class_labels is not None:
             pipe.check_class_labels(torch.tensor(settings.class_labels))
+        # Some schedulers take at most num_train_timesteps steps; ask on a copy, before any image.
+        copy.deepcopy(pipe.scheduler).set_timesteps(settings.steps)
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(one_line(str(err))) from None
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
     with writing_to(folder, OUTPUT_FIX):
         claim_folder(folder, settings)

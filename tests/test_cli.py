@@ -53,3 +53,10 @@ def test_override_after_a_flag_takes_effect(capsys):
     assert main(argv) == 2
     assert "model: num_heads must be at least 1, got 0" in capsys.readouterr().err
 
+
+
+def test_info_checks_the_device_and_config_path(capsys):
+    assert main(["info", "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
+    assert main(["info", "--config", "configs"]) == 2
+    assert "--config: 'configs' is a folder; pass a YAML file" in capsys.readouterr().err

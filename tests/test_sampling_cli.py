@@ -296,6 +296,12 @@ def test_write_failure_while_sampling_is_one_line_naming_the_file(ddpm_dir, tmp_
     assert (out / "000000.png").is_file()
 
 
+def test_more_steps_than_the_scheduler_takes(ddpm_dir, tmp_path, capsys):
+    assert sample(ddpm_dir, tmp_path / "x", "--num-images", "1", "--scheduler", "ddpm", "--steps", "2000") == 2
+    assert "2000 cannot be larger than" in error_of(capsys).splitlines()[-1]
+    assert not (tmp_path / "x").exists()
+
+
 def test_bad_counts_and_device(ddpm_dir, tmp_path, capsys):
     assert sample(ddpm_dir, tmp_path / "x", "--num-images", "0") == 2
     assert "--num-images must be at least 1" in error_of(capsys)
