@@ -136,6 +136,21 @@ def test_unreadable_image_is_named(tmp_path, name, data, num_workers):
     assert "\n" not in message
 
 
+def test_atdiff_train_names_the_unreadable_image(tmp_path, capsys):
+    from atdiff.cli import main
+
+    root = image_folder_with(tmp_path / "images", "cut.png", truncated_png())
+    config = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-dit-t4-atconv.yaml"
+    argv = ["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "9",
+            "data.dataset=imagefolder", f"data.root={root}", "data.resolution=8", "data.channels=1", "model.size=null",
+            "model.sample_size=8", "model.hidden_size=16", "model.depth=1", "model.num_heads=1", "model.patch_size=4",
+            "model.num_classes=2", "training.log_with=none", "training.num_sample_images=1", "sampling.num_inference_steps=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last_line = err.splitlines()[-1]
+    assert "Traceback" not in err and last_line.startswith(f"atdiff train: error: {root / 'b' / 'cut.png'} is not a readable image (")
+
+
 def test_image_folder_needs_a_folder(tmp_path):
     with pytest.raises(UsageError, match="data.root"):
         load_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")))
