@@ -30,7 +30,7 @@ from atdiff.config import ExperimentConfig, flat_config, load_config
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic
 from atdiff.pipelines import SCHEDULER_NAMES
-from atdiff.sampling import SamplingSettings, sample_into_folder
+from atdiff.sampling import SamplingSettings, check_writable, sample_into_folder
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
 from atdiff.training.timing import peak_memory
 
@@ -172,6 +172,9 @@ def claim_comparison(out: Path, settings: CompareSettings) -> None:
         if previous != json.loads(json.dumps(asdict(settings))):
             changed = [k for k, v in asdict(settings).items() if previous.get(k) != v]
             raise UsageError(f"{out} holds a comparison with other settings ({', '.join(changed)}); use another --out")
+    elif out.is_dir() and any(out.iterdir()):  # its reports would overwrite files of the same names
+        raise UsageError(f"{out} is not empty and holds no comparison; use a new or empty --out")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     command = "atdiff compare " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:])
     write_atomic(record, json.dumps({"settings": asdict(settings), "command": command}, indent=2) + "\n")

@@ -76,3 +76,14 @@ def test_needs_two_entries_with_the_same_data(tmp_path, capsys):
     assert main(["compare", one, cifar, "--out", str(tmp_path / "b")]) == 2
     assert "different data" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before any work
+
+
+def test_out_that_is_a_file_or_a_foreign_folder_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.md").write_text("mine")
+    assert compare(tmp_path / "notes.txt") == 2
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+    assert compare(tmp_path / "mine") == 2
+    assert "is not empty and holds no comparison" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "report.md").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
