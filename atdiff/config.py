@@ -115,6 +115,7 @@ class SamplingConfig:
 
     num_inference_steps: int = 50
     guidance_scale: float = 1.0
+    guidance_channels: int | None = None  # guide only the first N channels (DiT/SiT's 3); null: all
 
 
 @dataclass
@@ -422,6 +423,11 @@ def check_values(cfg: ExperimentConfig) -> None:
         raise UsageError(
             f"sampling.guidance_scale={guidance} needs a class-conditional model trained with label dropout "
             f"(model.num_classes > 0 and model.class_dropout_prob > 0); use 1.0"
+        )
+    channels = cfg.sampling.guidance_channels
+    if channels is not None and not 1 <= channels <= model.get("in_channels", channels):
+        raise UsageError(
+            f"sampling.guidance_channels={channels}: must be between 1 and model.in_channels ({model.get('in_channels')}), or null (all)"
         )
     size = model.get("sample_size")
     if size is not None and not d.vae and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):

@@ -47,6 +47,7 @@ class SamplingSettings:
     guidance: float
     seed: int
     class_labels: list[int] | None  # cycled over image indices; None: index % num_classes
+    guidance_channels: int | None = None  # guide only the first N channels (DiT/SiT: 3); None: all
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="sampler steps")
     parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler; default: the folder's own scheduler")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument(
+        "--guidance-channels", type=int, metavar="N",
+        help="guide only the first N channels (3: DiT/SiT's convention on 4-channel latents, as in their papers); default: all",
+    )
     parser.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL", help="labels cycled over the images; default: image index %% num_classes")
     parser.add_argument("--seed", type=int, default=0, help="seed; image i's noise depends only on (seed, i)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
@@ -176,6 +181,7 @@ def fill_folder(pipe: ImageDiffusionPipeline, folder: Path, settings: SamplingSe
                 class_labels=labels_of(indices, settings.class_labels, num_classes),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
+                guidance_channels=settings.guidance_channels,
                 generator=[image_generator(settings.seed, i) for i in indices],
                 output_type="np",
             ).images
@@ -273,6 +279,7 @@ def sample_into_folder(
     pipe = pipeline if isinstance(pipeline, ImageDiffusionPipeline) else load_pipeline(Path(pipeline), settings.scheduler, device)
     try:
         pipe.check_guidance(settings.guidance)
+        pipe.check_guidance_channels(settings.guidance_channels)
         if settings.class_labels is not None:
             pipe.check_class_labels(torch.tensor(settings.class_labels))
         # Some schedulers take at most num_train_timesteps steps; ask on a copy, before any image.
@@ -298,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         guidance=args.guidance,
         seed=args.seed,
         class_labels=args.class_labels,
+        guidance_channels=args.guidance_channels,
     )
     record = {**asdict(settings), "num_images": args.num_images}
     if kind != "dir" and out.exists():

@@ -213,10 +213,12 @@ class SamplingOptions:
     scheduler: str | None = None  # None: the pipeline's own
     seed: int = 0
     batch_size: int = 64
+    guidance_channels: int | None = SamplingConfig.guidance_channels  # None: all
 
     @property
     def folder_name(self) -> str:
-        return f"steps{self.steps}-guidance{self.guidance:g}-seed{self.seed}" + (f"-{self.scheduler}" if self.scheduler else "")
+        name = f"steps{self.steps}-guidance{self.guidance:g}-seed{self.seed}" + (f"-{self.scheduler}" if self.scheduler else "")
+        return name + (f"-gch{self.guidance_channels}" if self.guidance_channels is not None else "")
 
 
 def _pipeline_images(pipeline_dir: Path, num: int | None, options: SamplingOptions, device: str) -> ImageSet:
@@ -227,7 +229,7 @@ def _pipeline_images(pipeline_dir: Path, num: int | None, options: SamplingOptio
     folder = pipeline_dir / FID_SAMPLES_DIR / options.folder_name
     settings = SamplingSettings(
         pipeline=str(pipeline_dir.resolve()), scheduler=options.scheduler, steps=options.steps,
-        guidance=options.guidance, seed=options.seed, class_labels=None,
+        guidance=options.guidance, seed=options.seed, class_labels=None, guidance_channels=options.guidance_channels,
     )
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
         sample_into_folder(pipeline_dir, folder, settings, num, options.batch_size, device)
@@ -438,7 +440,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SamplingOptions()
     group.add_argument("--steps", type=int, default=defaults.steps, help="sampler steps (default: %(default)s)")
     group.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale (default: %(default)s)")
-    group.add_argument("--scheduler", help="a scheduler name of `atdiff sample`; default: the pipeline's own")
+    group.add_argument("--guidance-channels", type=int, metavar="N", help="guide only the first N channels (DiT/SiT: 3); default: all")
+    group.add_argument("--scheduler", help="a scheduler name of `atdiff sample` (e.g. sde, ode-dopri5); default: the pipeline's own")
     group.add_argument("--seed", type=int, default=defaults.seed, help="image i's noise depends only on (seed, i)")
     group.add_argument("--sample-batch-size", type=int, default=defaults.batch_size, help="images per sampling call")
 
@@ -458,7 +461,9 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         cache_root=args.cache_dir,
         device=args.device,
-        sampling=SamplingOptions(args.steps, args.guidance, args.scheduler, args.seed, args.sample_batch_size),
+        sampling=SamplingOptions(
+            args.steps, args.guidance, args.scheduler, args.seed, args.sample_batch_size, args.guidance_channels
+        ),
         verbose=True,
     )
     print(json.dumps(metrics))

@@ -166,10 +166,17 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         return labels.to(self._execution_device)
 
     def predict(
-        self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance_scale: float
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        labels: torch.Tensor | None,
+        guidance_scale: float,
+        guidance_channels: int | None = None,
     ) -> torch.Tensor:
-        """Model output for the scheduler, guided on all channels when ``guidance_scale != 1``."""
+        """Model output for the scheduler, guided on its first ``guidance_channels`` channels (None: all
+        ``x``'s channels) when ``guidance_scale != 1``; the other channels are the conditional output."""
         channels = x.shape[1]
+        guided_channels = channels if guidance_channels is None else guidance_channels
         t = t.expand(x.shape[0])
         if labels is None:
             out = self.model(x, t).sample
@@ -179,13 +186,18 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             null = torch.full_like(labels, self.num_classes)
             out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).sample
             cond, uncond = out.chunk(2)
-            guided = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-            out = torch.cat([guided, cond[:, channels:]], dim=1)
+            guided = uncond[:, :guided_channels] + guidance_scale * (cond[:, :guided_channels] - uncond[:, :guided_channels])
+            out = torch.cat([guided, cond[:, guided_channels:]], dim=1)
         # Learned-sigma channels follow the prediction; only DDPM's learned variance reads them (a
         # scheduler built from its config by from_config keeps variance_type there without using it).
         if isinstance(self.scheduler, DDPMScheduler) and self.scheduler.config.variance_type in ("learned", "learned_range"):
             return out
         return out[:, :channels]
+
+    def check_guidance_channels(self, guidance_channels: int | None) -> None:
+        channels = self.model.config.in_channels
+        if guidance_channels is not None and not 1 <= guidance_channels <= channels:
+            raise ValueError(f"guidance_channels={guidance_channels}: must be between 1 and the model's {channels} channels (None: all)")
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler output -> image in [-1, 1]: VAE-decoded when the model works on latents."""
@@ -201,6 +213,7 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         class_labels: int | list[int] | torch.Tensor | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.0,
+        guidance_channels: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -214,6 +227,9 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             num_inference_steps: sampler steps (Heun-type samplers call the model about twice per step).
             guidance_scale: classifier-free guidance ``uncond + g * (cond - uncond)`` with the null label
                 ``model.config.num_classes``; 1 disables it (one model call per step).
+            guidance_channels: guide only the first this many channels of the prediction and take the
+                conditional one for the rest: 3 is DiT/SiT's convention on 4-channel latents, which their
+                published FIDs use; None (default) guides all channels.
             generator: a ``torch.Generator``, or one per image so each image depends only on its own.
             output_type: ``"pil"``, ``"np"`` (float NHWC in [0, 1]), ``"pt"`` (float NCHW in [0, 1]) or
                 ``"latent"`` (the sampler's final output, before any VAE decoding, as a tensor).
@@ -226,6 +242,7 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one per image")
         check_scheduler_fits(self.scheduler, self.config.prediction_type)
         self.check_guidance(guidance_scale)
+        self.check_guidance_channels(guidance_channels)
         labels = self.prepare_class_labels(class_labels, batch_size, generator)
 
         config = self.model.config
@@ -234,6 +251,8 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.model.dtype
         x = randn_tensor((batch_size, config.in_channels, height, width), generator=generator, device=device, dtype=dtype)
 
+        # An adaptive scheduler (FlowMatchDopri5Scheduler) picks its own times: its timesteps are an
+        # iterable of unknown length, and a timestep may hold one time per image.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         # Flow schedulers start from x_1 = noise and define no init_noise_sigma.
         x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
@@ -241,7 +260,7 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
-            model_output = self.predict(x_in, t, labels, guidance_scale)
+            model_output = self.predict(x_in, t, labels, guidance_scale, guidance_channels)
             x = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample
 
         if output_type == "latent":

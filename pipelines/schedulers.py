@@ -22,6 +22,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from .flow_samplers import FlowMatchDopri5Scheduler, FlowMatchEulerMaruyamaScheduler
+
 FLOW_PREDICTION = "flow_prediction"
 
 
@@ -30,6 +32,11 @@ def _flow_dpm_solver(config: dict[str, Any]) -> SchedulerMixin:
     return DPMSolverMultistepScheduler.from_config(
         config, use_flow_sigmas=True, prediction_type=FLOW_PREDICTION, flow_shift=config.get("shift", 1.0)
     )
+
+
+def _sit_sampler(scheduler_class: type[SchedulerMixin]):
+    # SiT's samplers take their own defaults (SiT's); only the training time scale carries over.
+    return lambda config: scheduler_class(num_train_timesteps=config.get("num_train_timesteps", 1000))
 
 
 # name -> factory from the saved scheduler config, for DDPM-trained and for flow-matching models.
@@ -46,6 +53,8 @@ FLOW_SCHEDULERS = {
     "euler": FlowMatchEulerDiscreteScheduler.from_config,
     "heun": FlowMatchHeunDiscreteScheduler.from_config,
     "dpm++": _flow_dpm_solver,
+    "sde": _sit_sampler(FlowMatchEulerMaruyamaScheduler),  # SiT's SDE sampler (use 250 steps)
+    "ode-dopri5": _sit_sampler(FlowMatchDopri5Scheduler),  # SiT's adaptive ODE sampler (steps unused)
 }
 SCHEDULER_NAMES = tuple(dict.fromkeys([*DDPM_SCHEDULERS, *FLOW_SCHEDULERS]))
 

@@ -80,6 +80,7 @@ def test_round_trip_through_to_dict():
         ({**MINIMAL, "model": {**MINIMAL["model"], "in_channels": 3}}, ["model.in_channels", "1"]),
         ({**MINIMAL, "model": {**MINIMAL["model"], "sample_size": 28}}, ["model.sample_size", "data.resolution"]),
         ({**MINIMAL, "model": {**MINIMAL["model"], "class_dropout_prob": 0}, "sampling": {"guidance_scale": 4}}, ["sampling.guidance_scale", "class_dropout_prob"]),
+        ({**MINIMAL, "sampling": {"guidance_channels": 4}}, ["sampling.guidance_channels=4", "model.in_channels (1)"]),
     ],
 )
 def test_bad_config_names_the_key(raw, needles):

@@ -193,7 +193,7 @@ def test_unconditional_model_and_random_labels_for_conditional():
 
 @pytest.mark.parametrize(
     "make_pipe, name",
-    [(ddpm_pipe, n) for n in ("ddpm", "ddim", "dpm++", "euler", "heun")] + [(flow_pipe, n) for n in ("euler", "heun", "dpm++")],
+    [(ddpm_pipe, n) for n in ("ddpm", "ddim", "dpm++", "euler", "heun")] + [(flow_pipe, n) for n in ("euler", "heun", "dpm++", "sde", "ode-dopri5")],
 )
 def test_every_scheduler_gives_finite_images(make_pipe, name):
     pipe = make_pipe()
@@ -221,7 +221,7 @@ def test_v_prediction_carries_over_and_mismatch_is_refused():
 def test_unfitting_scheduler_is_refused_naming_fitting_ones():
     pipe = flow_pipe()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match=r"\['euler', 'heun', 'dpm\+\+'\]"):
+    with pytest.raises(ValueError, match=r"\['euler', 'heun', 'dpm\+\+', 'sde', 'ode-dopri5'\]"):
         sample(pipe)
     with pytest.raises(ValueError, match="does not fit a flow-matching model"):
         scheduler_by_name("ddim", pipe.scheduler.config, "flow_prediction")
@@ -250,6 +250,21 @@ def test_guidance_formula_on_all_channels():
     torch.testing.assert_close(pipe.predict(x, t, labels, 1.0), cond)
     torch.testing.assert_close(pipe.predict(x, t, labels, 0.0), uncond, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pipe.predict(x, t, labels, 4.0), uncond + 4.0 * (cond - uncond), atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_on_the_first_channels_only():
+    # DiT/SiT's convention: guide channels :3, the rest (here channel 3 of 4) is the conditional output.
+    pipe = ddpm_pipe(in_channels=4)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor(500), torch.tensor([0, 2])
+    cond, uncond = pipe.model(x, t, labels).sample, pipe.model(x, t, torch.full_like(labels, 3)).sample
+    guided = pipe.predict(x, t, labels, 4.0, guidance_channels=3)
+    torch.testing.assert_close(guided[:, :3], (uncond + 4.0 * (cond - uncond))[:, :3], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(guided[:, 3:], cond[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pipe.predict(x, t, labels, 4.0, guidance_channels=4), pipe.predict(x, t, labels, 4.0))
+    assert not torch.allclose(sample(pipe, guidance_scale=4.0, guidance_channels=3), sample(pipe, guidance_scale=4.0))
+    with pytest.raises(ValueError, match="guidance_channels=5: must be between 1 and the model's 4 channels"):
+        sample(pipe, guidance_scale=4.0, guidance_channels=5)
 
 
 def test_guidance_scale_one_equals_unguided_and_other_scales_differ():

@@ -77,6 +77,19 @@ def test_freshly_trained_folder_loads_and_samples(trained_dir, tmp_path):
         assert data["arr_0"].shape == (3, 32, 32, 1) and data["arr_1"].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("scheduler", ["sde", "ode-dopri5"])
+def test_sit_samplers_from_the_command_line(trained_dir, tmp_path, scheduler):
+    out = tmp_path / "s.npz"
+    assert sample(trained_dir, out, "--num-images", "2", "--scheduler", scheduler, "--guidance", "2", "--guidance-channels", "1") == 0
+    with np.load(out) as data:
+        assert data["arr_0"].shape == (2, 32, 32, 1)
+
+
+def test_guidance_channels_beyond_the_models(trained_dir, tmp_path, capsys):
+    assert sample(trained_dir, tmp_path / "x", "--num-images", "1", "--guidance", "2", "--guidance-channels", "2") == 2
+    assert "guidance_channels=2: must be between 1 and the model's 1 channels" in error_of(capsys)
+
+
 def test_png_folder_is_filled_resumably(ddpm_dir, tmp_path, capsys):
     out = tmp_path / "pngs"
     assert sample(ddpm_dir, out, "--num-images", "5", "--batch-size", "2", "--scheduler", "ddpm") == 0
@@ -182,7 +195,7 @@ def test_unknown_scheduler(ddpm_dir, tmp_path, capsys):
 
 def test_unfitting_scheduler(flow_dir, tmp_path, capsys):
     assert sample(flow_dir, tmp_path / "x", "--num-images", "1", "--scheduler", "ddim") == 2
-    assert "scheduler 'ddim' does not fit a flow-matching model; use one of ['euler', 'heun', 'dpm++']" in error_of(capsys)
+    assert "scheduler 'ddim' does not fit a flow-matching model; use one of ['euler', 'heun', 'dpm++', 'sde', 'ode-dopri5']" in error_of(capsys)
     assert not (tmp_path / "x").exists()
 
 
