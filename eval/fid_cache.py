@@ -1,0 +1,87 @@
+"""The reference-set cache of ``atdiff fid``: features and FID statistics of datasets, in files that cannot run code.
+
+torch-fidelity's own cache pickles tensors and reads them back with ``torch.load(weights_only=False)``,
+so a file planted in the cache folder would run code; atdiff therefore never lets torch-fidelity
+cache. An entry ``KEY`` (dataset, split, resolution, count, weights: ``DatasetSpec.cache_name``) is
+``KEY.features.safetensors`` (every extracted layer), ``KEY.stats.npz`` (``mu``, ``sigma``, read with
+``allow_pickle=False``) and ``KEY.json`` (what it describes), each written atomically and the JSON
+last: an entry without its JSON is incomplete and is recomputed. An unreadable entry (truncated,
+or not in these formats) loses its JSON, so it is recomputed and replaced, with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from atdiff.errors import UsageError
+
+from .fid_statistics import FidStatistics, read_statistics, replace_atomically, write_statistics
+
+FORMAT_VERSION = 1
+
+
+class FeatureCache:
+    """Cached features and statistics under ``root`` (None: caching off)."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = None if root is None else Path(root)
+
+    def _paths(self, key: str) -> tuple[Path, Path, Path]:
+        return (self.root / f"{key}.features.safetensors", self.root / f"{key}.stats.npz", self.root / f"{key}.json")
+
+    def statistics(self, key: str | None) -> FidStatistics | None:
+        """The cached statistics of ``key``, or None (a miss, an incomplete or unreadable entry, caching off)."""
+        if self.root is None or key is None:
+            return None
+        _, stats_path, record = self._paths(key)
+        if not record.is_file():
+            return None
+        try:
+            meta = json.loads(record.read_text())
+            stats = read_statistics(stats_path)
+            stats.description, stats.feature_extractor = meta["description"], meta["feature_extractor"]
+        except (UsageError, ValueError, KeyError, TypeError) as err:
+            return self._drop(record, err)
+        return stats
+
+    def features(self, key: str | None, layers: list[str]) -> dict[str, torch.Tensor] | None:
+        """The cached features of ``key`` when they hold every layer in ``layers``, else None."""
+        if self.root is None or key is None:
+            return None
+        features_path, _, record = self._paths(key)
+        if not record.is_file():
+            return None
+        try:
+            features = load_file(features_path)
+        except (OSError, SafetensorError) as err:
+            return self._drop(record, err)
+        return features if set(layers) <= set(features) else None
+
+    @staticmethod
+    def _drop(record: Path, err: Exception) -> None:
+        # Without its record the entry is incomplete: the next store rewrites all of it.
+        print(f"atdiff fid: ignoring an unreadable cache entry {record.with_suffix('')}.*, recomputing it: {err}", file=sys.stderr)
+        record.unlink(missing_ok=True)
+
+    def store(self, key: str | None, features: dict[str, torch.Tensor], stats: FidStatistics) -> None:
+        if self.root is None or key is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        features_path, stats_path, record = self._paths(key)
+        tensors = {name: value.contiguous() for name, value in features.items()}
+        replace_atomically(features_path, lambda file: file.write(save(tensors)))
+        write_statistics(stats, stats_path)
+        meta = {
+            "format": FORMAT_VERSION,
+            "description": stats.description,
+            "num_images": stats.num_images,
+            "feature_extractor": stats.feature_extractor,
+            "layers": sorted(tensors),
+        }
+        replace_atomically(record, lambda file: file.write((json.dumps(meta, indent=2) + "\n").encode()))
