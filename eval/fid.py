@@ -361,7 +361,10 @@ def compute_metrics(
     [``isc_mean``, ``isc_std``], ``num_real``, ``num_fake`` (null for statistics files that do not say),
     ``feature_extractor``, ``real``, ``fake`` and ``real_from_cache`` (True when no real image had to be read).
     """
-    extraction = _Extraction.start(inception_weights, batch_size, cache, cache_root, device, verbose, isc)
+    extraction = _Extraction.start(
+        inception_weights=inception_weights, batch_size=batch_size, cache=cache, cache_root=cache_root, device=device,
+        verbose=verbose, isc=isc,
+    )
     sample_on = device or ("cuda" if extraction.cuda else "cpu")
     real_side = resolve_source(real, num_real, sampling=sampling, device=sample_on)
     fake_side = resolve_source(fake, num_fake, sampling=sampling, device=sample_on)
@@ -396,21 +399,11 @@ def compute_metrics(
     return _result(out, real_side, fake_side, extraction.weights)
 
 
-def save_statistics(
-    source,
-    out: str | Path,
-    *,
-    num: int | None = None,
-    inception_weights: str | Path | None = None,
-    batch_size: int = 64,
-    cache: bool = True,
-    cache_root: str | Path | None = None,
-    device: str | None = None,
-    sampling: SamplingOptions | None = None,
-    verbose: bool = False,
-) -> dict:
-    """Write the FID statistics of ``source`` (any source of ``compute_metrics``) to the ``.npz`` ``out``,
-    which every FID tool reads (``mu``, ``sigma``); returns what was written."""
+def save_statistics(source, out: str | Path, *, num: int | None = None, sampling: SamplingOptions | None = None, **options) -> dict:
+    """Write the FID statistics of ``source`` (any source of ``compute_metrics``, ``num`` of its images)
+    to the ``.npz`` ``out``, which every FID tool reads (``mu``, ``sigma``); returns what was written.
+    ``options``: ``compute_metrics``'s ``inception_weights``, ``batch_size``, ``cache``, ``cache_root``,
+    ``device``, ``verbose``."""
     out = Path(out)
     if out.suffix != ".npz":
         raise UsageError(f"--save-stats {out}: name the file .npz")
@@ -418,8 +411,8 @@ def save_statistics(
         raise UsageError(f"--save-stats {out} exists; delete it or choose another name")
     if not out.parent.is_dir():
         raise UsageError(f"--save-stats {out}: no folder {out.parent}")
-    extraction = _Extraction.start(inception_weights, batch_size, cache, cache_root, device, verbose)
-    side = resolve_source(source, num, sampling=sampling, device=device or ("cuda" if extraction.cuda else "cpu"))
+    extraction = _Extraction.start(**options)
+    side = resolve_source(source, num, sampling=sampling, device=options.get("device") or ("cuda" if extraction.cuda else "cpu"))
     stats = extraction.statistics_of(side)
     write_statistics(stats, out)
     return {"saved": str(out), "source": stats.description, "num_images": stats.num_images, "feature_extractor": stats.feature_extractor}
@@ -450,7 +443,10 @@ class _Extraction:
     _extractor: torch.nn.Module | None = None
 
     @classmethod
-    def start(cls, inception_weights, batch_size, cache, cache_root, device, verbose, isc: bool = False) -> _Extraction:
+    def start(
+        cls, *, inception_weights=None, batch_size: int = 64, cache: bool = True, cache_root=None, device: str | None = None,
+        verbose: bool = False, isc: bool = False,
+    ) -> _Extraction:
         if batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
         weights = resolve_inception_weights(inception_weights)

@@ -33,15 +33,22 @@ class FeatureCache:
         self.root = None if root is None else Path(root)
 
     def _paths(self, key: str) -> tuple[Path, Path, Path]:
+        """(features, statistics, record) of entry ``key``."""
         return (self.root / f"{key}.features.safetensors", self.root / f"{key}.stats.npz", self.root / f"{key}.json")
+
+    def _complete_entry(self, key: str | None) -> tuple[Path, Path, Path] | None:
+        """The paths of entry ``key`` when caching is on and the entry is complete (its record exists)."""
+        if self.root is None or key is None:
+            return None
+        paths = self._paths(key)
+        return paths if paths[2].is_file() else None
 
     def statistics(self, key: str | None) -> FidStatistics | None:
         """The cached statistics of ``key``, or None (a miss, an incomplete or unreadable entry, caching off)."""
-        if self.root is None or key is None:
+        entry = self._complete_entry(key)
+        if entry is None:
             return None
-        _, stats_path, record = self._paths(key)
-        if not record.is_file():
-            return None
+        _, stats_path, record = entry
         try:
             meta = json.loads(record.read_text())
             stats = read_statistics(stats_path)
@@ -52,11 +59,10 @@ class FeatureCache:
 
     def features(self, key: str | None, layers: list[str]) -> dict[str, torch.Tensor] | None:
         """The cached features of ``key`` when they hold every layer in ``layers``, else None."""
-        if self.root is None or key is None:
+        entry = self._complete_entry(key)
+        if entry is None:
             return None
-        features_path, _, record = self._paths(key)
-        if not record.is_file():
-            return None
+        features_path, _, record = entry
         try:
             features = load_file(features_path)
         except (OSError, SafetensorError) as err:
