@@ -356,8 +356,13 @@ RANGES: dict[str, str] = {
     "data.num_workers": "[0, inf)",
     "sampling.num_inference_steps": "[1, inf)",
     "sampling.guidance_scale": "(-inf, inf)",
+    "sampling.guidance_channels": "[1, inf)",
 }
-NULL_MEANS = {"training.max_grad_norm": "no clipping", "training.checkpoints_total_limit": "keep all"}
+NULL_MEANS = {
+    "training.max_grad_norm": "no clipping",
+    "training.checkpoints_total_limit": "keep all",
+    "sampling.guidance_channels": "all channels",
+}
 
 
 def in_interval(value: float, interval: str) -> bool:
@@ -425,9 +430,9 @@ def check_values(cfg: ExperimentConfig) -> None:
             f"(model.num_classes > 0 and model.class_dropout_prob > 0); use 1.0"
         )
     channels = cfg.sampling.guidance_channels
-    if channels is not None and not 1 <= channels <= model.get("in_channels", channels):
+    if channels is not None and channels > model.get("in_channels", channels):
         raise UsageError(
-            f"sampling.guidance_channels={channels}: must be between 1 and model.in_channels ({model.get('in_channels')}), or null (all)"
+            f"sampling.guidance_channels={channels}: must be at most model.in_channels ({model.get('in_channels')}), or null (all)"
         )
     size = model.get("sample_size")
     if size is not None and not d.vae and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
