@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save_file
 
 from atdiff.errors import UsageError
+from atdiff.files import atomic_path, write_atomic
 
-from .fid_statistics import FidStatistics, read_statistics, replace_atomically, write_statistics
+from .fid_statistics import FidStatistics, read_statistics, write_statistics
 
 FORMAT_VERSION = 1
 
@@ -81,7 +82,8 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         features_path, stats_path, record = self._paths(key)
         tensors = {name: value.contiguous() for name, value in features.items()}
-        replace_atomically(features_path, lambda file: file.write(save(tensors)))
+        with atomic_path(features_path) as partial:
+            save_file(tensors, partial)
         write_statistics(stats, stats_path)
         meta = {
             "format": FORMAT_VERSION,
@@ -90,4 +92,4 @@ class FeatureCache:
             "feature_extractor": stats.feature_extractor,
             "layers": sorted(tensors),
         }
-        replace_atomically(record, lambda file: file.write((json.dumps(meta, indent=2) + "\n").encode()))
+        write_atomic(record, json.dumps(meta, indent=2) + "\n")

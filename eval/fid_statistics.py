@@ -9,10 +9,8 @@ atdiff writes add ``num_images`` and ``feature_extractor``. Files are read with
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from atdiff.errors import UsageError
+from atdiff.files import atomic_path
 
 FEATURE_DIM = 2048  # Inception-v3 pool_3, what every published FID statistic holds
 
@@ -82,16 +81,8 @@ def write_statistics(stats: FidStatistics, path: str | os.PathLike) -> None:
         arrays["num_images"] = np.array(stats.num_images)
     if stats.feature_extractor is not None:
         arrays["feature_extractor"] = np.array(stats.feature_extractor)  # a unicode array: no pickle
-    replace_atomically(Path(path), lambda file: np.savez(file, **arrays))
-
-
-def replace_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through ``write(file)`` on a hidden sibling, then rename: a reader or a kill never
-    sees half a file."""
-    partial = path.with_name(f".{path.name}.tmp")
-    with open(partial, "wb") as file:
-        write(file)
-    os.replace(partial, path)
+    with atomic_path(Path(path)) as partial, open(partial, "wb") as file:
+        np.savez(file, **arrays)  # a file object: np.savez would append .npz to a name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -429,6 +429,7 @@ class Trainer:
                     class_labels=torch.arange(n) % num_classes if num_classes else None,
                     num_inference_steps=self.cfg.sampling.num_inference_steps,
                     guidance_scale=self.cfg.sampling.guidance_scale,
+                    guidance_channels=self.cfg.sampling.guidance_channels,
                     generator=torch.Generator().manual_seed(self.tcfg.seed),
                 ).images
             rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
