@@ -26,7 +26,9 @@ from diffusers.optimization import SchedulerType
 
 from .data import DataConfig
 from .errors import UsageError
-from .objectives import ObjectiveConfig
+from .objectives import ObjectiveConfig, build_objective
+from .pipelines import scheduler_by_name
+from .pipelines.schedulers import prediction_type_of
 
 MODEL_TYPES = ("dit", "unet")
 # Trackers Accelerate can log to, plus "none".
@@ -100,6 +102,12 @@ class TrainingConfig:
     ema_power: float = 0.75
     sample_every: int = 0  # steps between EMA sample grids (0: only at the end)
     num_sample_images: int = 64
+    # FID and KID of the EMA weights every eval_every steps (0: never), eval_num_images samples drawn
+    # as the `sampling` section says, against eval_num_real images of the data (a seeded subset;
+    # null: all), whose statistics are cached.
+    eval_every: int = 0
+    eval_num_images: int = 1000
+    eval_num_real: int | None = None
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on Ctrl-C)
     checkpoints_total_limit: int | None = 2  # keep the newest K checkpoints (null: all)
     log_every: int = 10  # steps between tracker logs
@@ -111,11 +119,18 @@ class TrainingConfig:
 
 @dataclass
 class SamplingConfig:
-    """How the EMA sample grids drawn during training are sampled."""
+    """How images are drawn from a trained model: the one sampling-settings type of atdiff.
 
+    The config's ``sampling`` section (training's sample grids and evals, and the defaults of
+    ``atdiff sample RUN`` / ``atdiff fid ... RUN``) and the sampling flags of ``sample``, ``fid`` and
+    ``compare`` (``atdiff.sampling.add_sampling_arguments``) all fill this. Field names are those of ``ImageDiffusionPipeline.__call__``.
+    """
+
+    scheduler: str | None = None  # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the model's own
     num_inference_steps: int = 50
     guidance_scale: float = 1.0
     guidance_channels: int | None = None  # guide only the first N channels (DiT/SiT's 3); null: all
+    seed: int = 0  # image i's noise depends only on (seed, i)
 
 
 @dataclass
@@ -348,6 +363,9 @@ RANGES: dict[str, str] = {
     "training.sample_every": "[0, inf)",
     "training.num_sample_images": "[1, inf)",
     "training.checkpoint_every": "[0, inf)",
+    "training.eval_every": "[0, inf)",
+    "training.eval_num_images": "[2, inf)",  # FID needs a covariance
+    "training.eval_num_real": "[2, inf)",
     "training.checkpoints_total_limit": "[1, inf)",
     "training.log_every": "[1, inf)",
     "objective.num_train_timesteps": "[1, inf)",
@@ -357,10 +375,12 @@ RANGES: dict[str, str] = {
     "sampling.num_inference_steps": "[1, inf)",
     "sampling.guidance_scale": "(-inf, inf)",
     "sampling.guidance_channels": "[1, inf)",
+    "sampling.seed": "[0, inf)",
 }
 NULL_MEANS = {
     "training.max_grad_norm": "no clipping",
     "training.checkpoints_total_limit": "keep all",
+    "training.eval_num_real": "the whole split",
     "sampling.guidance_channels": "all channels",
 }
 
@@ -423,6 +443,7 @@ def check_values(cfg: ExperimentConfig) -> None:
             f"model.in_channels is {model.get('in_channels')} but data gives {d.num_channels}-channel images; "
             f"set model.in_channels={d.num_channels} (or data.channels)"
         )
+    check_scheduler(cfg)
     guidance = cfg.sampling.guidance_scale
     if guidance != 1 and not (model.get("num_classes") and model.get("class_dropout_prob")):
         raise UsageError(
@@ -441,6 +462,17 @@ def check_values(cfg: ExperimentConfig) -> None:
     if cfg.objective.distill_from:
         check_teacher(cfg, model)
     check_model(cfg.model)
+
+
+def check_scheduler(cfg: ExperimentConfig) -> None:
+    """``sampling.scheduler`` must read the model's output the way ``objective`` trains it."""
+    if cfg.sampling.scheduler is None:
+        return
+    trained = build_objective(cfg.objective).make_scheduler()
+    try:
+        scheduler_by_name(cfg.sampling.scheduler, trained.config, prediction_type_of(trained))
+    except ValueError as err:
+        raise UsageError(f"sampling.scheduler: {err} (or null: the objective's own)") from None
 
 
 def check_time_convention(cfg: ExperimentConfig, model: dict[str, Any]) -> None:

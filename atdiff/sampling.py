@@ -17,15 +17,17 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+import yaml
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from .config import SamplingConfig, section_from_dict
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, write_atomic
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
@@ -38,16 +40,60 @@ OUTPUT_FIX = "free space or write elsewhere"
 
 
 @dataclass
-class SamplingSettings:
-    """What determines the images; a folder is only ever filled with one set of these."""
+class SampleRecord:
+    """What determines a folder's images; a folder is only ever filled with one of these."""
 
     pipeline: str
-    scheduler: str | None  # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the folder's own
-    steps: int
-    guidance: float
-    seed: int
-    class_labels: list[int] | None  # cycled over image indices; None: index % num_classes
-    guidance_channels: int | None = None  # guide only the first N channels (DiT/SiT: 3); None: all
+    sampling: SamplingConfig
+    class_labels: list[int] | None = None  # cycled over image indices; None: index % num_classes
+
+    def flat(self) -> dict:
+        """As ``atdiff_sample.json`` (and a grid's or npz's metadata) holds it."""
+        return {"pipeline": self.pipeline, **asdict(self.sampling), "class_labels": self.class_labels}
+
+
+# The sampling flags of `sample`, `fid` and `compare`, and the SamplingConfig field each one sets.
+SAMPLING_FLAGS = {"scheduler": "scheduler", "steps": "num_inference_steps", "guidance": "guidance_scale",
+                  "guidance_channels": "guidance_channels", "seed": "seed"}
+
+
+def add_sampling_arguments(parser, defaults: str = "the run's config.yaml `sampling` section") -> None:
+    """``--scheduler --steps --guidance --guidance-channels --seed`` on ``parser`` (or an argument
+    group); unset flags leave ``defaults`` (described in the help) alone, see ``sampling_overrides``."""
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help=f"sampler (sampling.scheduler); default: {defaults}, else the model's own")
+    parser.add_argument("--steps", type=int, help=f"sampler steps (sampling.num_inference_steps); default: {defaults}")
+    parser.add_argument("--guidance", type=float, help=f"classifier-free guidance scale, 1: none (sampling.guidance_scale); default: {defaults}")
+    parser.add_argument(
+        "--guidance-channels", type=int, metavar="N",
+        help=f"guide only the first N channels (3: DiT/SiT's convention on 4-channel latents, as in their papers; "
+        f"sampling.guidance_channels); default: {defaults}, else all",
+    )
+    parser.add_argument("--seed", type=int, help=f"image i's noise depends only on (seed, i) (sampling.seed); default: {defaults}")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The SamplingConfig fields the user set with sampling flags."""
+    return {key: getattr(args, flag) for flag, key in SAMPLING_FLAGS.items() if getattr(args, flag, None) is not None}
+
+
+def sampling_for(pipeline_dir: Path, given: SamplingConfig | dict | None = None) -> SamplingConfig:
+    """How to sample ``pipeline_dir``: ``given`` when complete, else the run's own ``sampling``
+    section (its ``config.yaml``, written by ``atdiff train``) with the fields ``given`` sets."""
+    sampling = given if isinstance(given, SamplingConfig) else replace(run_sampling_defaults(pipeline_dir), **(given or {}))
+    if sampling.num_inference_steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {sampling.num_inference_steps}")
+    if sampling.seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {sampling.seed}")
+    return sampling
+
+
+def run_sampling_defaults(pipeline_dir: Path) -> SamplingConfig:
+    """The ``sampling`` section of the run's ``config.yaml``, else SamplingConfig's defaults."""
+    config = pipeline_dir / "config.yaml"
+    if not config.is_file():
+        return SamplingConfig()
+    raw = yaml.safe_load(config.read_text()) or {}
+    return section_from_dict(SamplingConfig, raw.get("sampling") or {}, f"{config}: sampling")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,15 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, required=True, help="images to generate")
     parser.add_argument("--out", required=True, help="DIR (one PNG per image, 000000.png ...), FILE.png or FILE.jpg (a grid) or FILE.npz (uint8 NHWC in arr_0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per model call (does not change the images)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler; default: the folder's own scheduler")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    parser.add_argument(
-        "--guidance-channels", type=int, metavar="N",
-        help="guide only the first N channels (3: DiT/SiT's convention on 4-channel latents, as in their papers); default: all",
-    )
+    add_sampling_arguments(parser)
     parser.add_argument("--class-labels", type=int, nargs="+", metavar="LABEL", help="labels cycled over the images; default: image index %% num_classes")
-    parser.add_argument("--seed", type=int, default=0, help="seed; image i's noise depends only on (seed, i)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
 
 
@@ -107,7 +146,7 @@ def check_writable(out: Path) -> None:
 
 
 def check_positive(args: argparse.Namespace) -> None:
-    for flag in ("num_images", "batch_size", "steps"):
+    for flag in ("num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
 
@@ -127,15 +166,15 @@ def check_same_settings(path: Path, previous: dict, current: dict) -> None:
         raise UsageError(f"{path} holds images sampled with other settings ({changed}); use a new --out or the same settings")
 
 
-def claim_folder(folder: Path, settings: SamplingSettings) -> None:
-    """Make ``folder`` hold images of ``settings`` only: refuse one filled with other settings or other files."""
-    record = folder / SETTINGS_FILE
-    if record.is_file():
-        check_same_settings(folder, json.loads(record.read_text()), asdict(settings))
+def claim_folder(folder: Path, record: SampleRecord) -> None:
+    """Make ``folder`` hold images of ``record`` only: refuse one filled with other settings or other files."""
+    record_file = folder / SETTINGS_FILE
+    if record_file.is_file():
+        check_same_settings(folder, json.loads(record_file.read_text()), record.flat())
     elif folder.is_dir() and any(folder.iterdir()):
         raise UsageError(f"{folder} is not empty and was not written by `atdiff sample`; use a new or empty --out")
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(record, json.dumps(asdict(settings), indent=2) + "\n")
+    write_atomic(record_file, json.dumps(record.flat(), indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,23 +205,25 @@ def save_png_atomically(image: np.ndarray, path: Path) -> None:
         Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(partial, format="PNG")
 
 
-def fill_folder(pipe: ImageDiffusionPipeline, folder: Path, settings: SamplingSettings, num_images: int, batch_size: int) -> tuple[int, float]:
+def fill_folder(
+    pipe: ImageDiffusionPipeline, folder: Path, record: SampleRecord, num_images: int, batch_size: int, progress: bool = True
+) -> tuple[int, float]:
     """Sample the images ``0..num_images-1`` that ``folder`` lacks; return (number sampled, seconds)."""
     missing = [i for i in range(num_images) if not image_path(folder, i).is_file()]
     if not missing:
         return 0, 0.0
     num_classes = pipe.num_classes
     start = time.perf_counter()
-    with tqdm(total=len(missing), unit="img", desc="sampling") as bar:
+    with tqdm(total=len(missing), unit="img", desc="sampling", disable=not progress) as bar:
         for first in range(0, len(missing), batch_size):
             indices = missing[first : first + batch_size]
             images = pipe(
                 batch_size=len(indices),
-                class_labels=labels_of(indices, settings.class_labels, num_classes),
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                guidance_channels=settings.guidance_channels,
-                generator=[image_generator(settings.seed, i) for i in indices],
+                class_labels=labels_of(indices, record.class_labels, num_classes),
+                num_inference_steps=record.sampling.num_inference_steps,
+                guidance_scale=record.sampling.guidance_scale,
+                guidance_channels=record.sampling.guidance_channels,
+                generator=[image_generator(record.sampling.seed, i) for i in indices],
                 output_type="np",
             ).images
             for i, image in zip(indices, images):
@@ -253,43 +294,49 @@ def load_pipeline(pipeline_dir: Path, scheduler: str | None, device: str) -> Ima
     # lacks, weights that do not fit the config, ...): the folder is the user's input.
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:
         raise UsageError(f"{pipeline_dir} does not load as an atdiff pipeline: {one_line(str(err))}") from err
+    return use_scheduler(pipe, scheduler).to(device)
+
+
+def use_scheduler(pipe: ImageDiffusionPipeline, scheduler: str | None) -> ImageDiffusionPipeline:
+    """``pipe`` sampling with the scheduler named ``scheduler`` (None: its own), built from its saved config."""
     if scheduler is not None:
         try:
             pipe.scheduler = scheduler_by_name(scheduler, pipe.scheduler.config, pipe.config.prediction_type)
         except ValueError as err:
             raise UsageError(str(err)) from None
-    return pipe.to(device)
+    return pipe
 
 
 def sample_into_folder(
     pipeline: ImageDiffusionPipeline | str | Path,
     folder: Path,
-    settings: SamplingSettings,
+    record: SampleRecord,
     num_images: int,
     batch_size: int,
     device: str = "cpu",
+    progress: bool = True,
 ) -> tuple[int, float]:
-    """Make ``folder`` hold images ``0..num_images-1`` of ``settings`` (only the missing ones are
-    sampled); ``pipeline`` is a loaded pipeline or a pipeline folder (loaded only if work is left).
-    Returns (number sampled, seconds)."""
-    record = folder / SETTINGS_FILE
-    if record.is_file() and json.loads(record.read_text()) == asdict(settings):
+    """Make ``folder`` hold images ``0..num_images-1`` of ``record`` (only the missing ones are
+    sampled); ``pipeline`` is a loaded pipeline (with ``record.sampling.scheduler`` already set) or
+    a pipeline folder (loaded only if work is left). Returns (number sampled, seconds)."""
+    record_file = folder / SETTINGS_FILE
+    if record_file.is_file() and json.loads(record_file.read_text()) == record.flat():
         if all(image_path(folder, i).is_file() for i in range(num_images)):
             return 0, 0.0
-    pipe = pipeline if isinstance(pipeline, ImageDiffusionPipeline) else load_pipeline(Path(pipeline), settings.scheduler, device)
+    pipe = pipeline if isinstance(pipeline, ImageDiffusionPipeline) else load_pipeline(Path(pipeline), record.sampling.scheduler, device)
     try:
-        pipe.check_guidance(settings.guidance)
-        pipe.check_guidance_channels(settings.guidance_channels)
-        if settings.class_labels is not None:
-            pipe.check_class_labels(torch.tensor(settings.class_labels))
+        pipe.check_guidance(record.sampling.guidance_scale)
+        pipe.check_guidance_channels(record.sampling.guidance_channels)
+        if record.class_labels is not None:
+            pipe.check_class_labels(torch.tensor(record.class_labels))
         # Some schedulers take at most num_train_timesteps steps; ask on a copy, before any image.
-        copy.deepcopy(pipe.scheduler).set_timesteps(settings.steps)
+        copy.deepcopy(pipe.scheduler).set_timesteps(record.sampling.num_inference_steps)
     except ValueError as err:
         raise UsageError(one_line(str(err))) from None
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
     with writing_to(folder, OUTPUT_FIX):
-        claim_folder(folder, settings)
-        return fill_folder(pipe, folder, settings, num_images, batch_size)
+        claim_folder(folder, record)
+        return fill_folder(pipe, folder, record, num_images, batch_size, progress)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -298,16 +345,8 @@ def run(args: argparse.Namespace) -> int:
     pipeline_dir, out = Path(args.pipeline_dir), Path(args.out)
     check_pipeline_dir(pipeline_dir)
     kind = output_kind(out)
-    settings = SamplingSettings(
-        pipeline=str(pipeline_dir.resolve()),
-        scheduler=args.scheduler,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        class_labels=args.class_labels,
-        guidance_channels=args.guidance_channels,
-    )
-    record = {**asdict(settings), "num_images": args.num_images}
+    settings = SampleRecord(str(pipeline_dir.resolve()), sampling_for(pipeline_dir, sampling_overrides(args)), args.class_labels)
+    record = {**settings.flat(), "num_images": args.num_images}
     if kind != "dir" and out.exists():
         check_existing_file(out, record)
         print(f"{out} already holds these {args.num_images} images; nothing to sample")
@@ -315,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out)
     folder = out if kind == "dir" else out.with_name(out.name + ".partial")
 
-    pipe = load_pipeline(pipeline_dir, args.scheduler, args.device)
+    pipe = load_pipeline(pipeline_dir, settings.sampling.scheduler, args.device)
     sampled, seconds = sample_into_folder(pipe, folder, settings, args.num_images, args.batch_size)
 
     if kind != "dir":

@@ -51,6 +51,7 @@ from atdiff.nn import ATConv, SelfAttention
 from atdiff.nn.functional import IMPL_FUNCTIONS, auto_conv_impl, per_sample_depthwise_conv2d, per_sample_depthwise_conv2d_shift
 from atdiff.sampling import check_device
 from atdiff.files import write_atomic
+from atdiff.memory import allocation_peak_bytes
 
 STUDIES = ("mixers", "impls", "models")
 MODES = ("forward", "forward+backward")
@@ -110,27 +111,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Bytes one call of ``fn`` allocates above what was live when it started, at its peak."""
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    # PyTorch has no CPU allocator statistics; its profiler records every allocation and free,
-    # so the running sum over them, in time order, peaks where the call held most memory.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 class Runner:
     """Runs comparisons and remembers each candidate's throughput to predict the next, larger one."""
 
@@ -153,7 +133,7 @@ class Runner:
                 continue
             row["first_call_s"] = timed(cand.fn, self.device)  # warm-up (and compile, if any)
             probe_start = time.perf_counter()
-            row["peak_mem_bytes"] = peak_memory_bytes(cand.fn, self.device)
+            row["peak_mem_bytes"] = allocation_peak_bytes(cand.fn, self.device)
             # The repeats come from the faster of the two untimed calls: the first may have compiled.
             row["repeats"] = self.repeats_for(min(row["first_call_s"], time.perf_counter() - probe_start))
             row["times_s"] = []

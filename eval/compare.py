@@ -16,24 +16,26 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from atdiff.config import ExperimentConfig, flat_config, load_config
+from atdiff.config import ExperimentConfig, SamplingConfig, flat_config, load_config
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic
-from atdiff.pipelines import SCHEDULER_NAMES
-from atdiff.sampling import SamplingSettings, check_writable, sample_into_folder
+from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
+from atdiff.sampling import SampleRecord, add_sampling_arguments, check_writable, sample_into_folder, sampling_overrides, use_scheduler
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
-from atdiff.training.timing import peak_memory
 
+from .compare_report import write_report
 from .fid import compute_metrics, dataset_spec
 
 # ------------------------------------------------------------------------------------------------
@@ -47,7 +49,7 @@ class Preset:
     num_images: int  # samples per model for the final FID
     num_real: int | None  # reference images (None: the whole split)
     step_images: int  # samples per checkpoint for FID over training
-    steps: int  # sampler steps
+    sampling: SamplingConfig  # scheduler None: each run's own
     batch_size: int  # images per sampling call
     speed_batch: int  # images per call when timing sampling
     speed_repeats: int
@@ -59,14 +61,16 @@ PRESETS = {
     "quick": Preset(
         train_overrides=(
             "training.max_steps=800", "training.checkpoint_every=400", "training.checkpoints_total_limit=null",
-            "training.sample_every=0",
+            "training.sample_every=0", "training.eval_every=400",
         ),
-        num_images=1000, num_real=2000, step_images=250, steps=20, batch_size=100, speed_batch=32, speed_repeats=3,
+        num_images=1000, num_real=2000, step_images=250, sampling=SamplingConfig(num_inference_steps=20),
+        batch_size=100, speed_batch=32, speed_repeats=3,
     ),
     # GPU: the configs' own schedules, every checkpoint kept, 50k samples (FID-50k) against the whole split.
     "full": Preset(
         train_overrides=("training.checkpoints_total_limit=null",),
-        num_images=50_000, num_real=None, step_images=10_000, steps=50, batch_size=256, speed_batch=64, speed_repeats=5,
+        num_images=50_000, num_real=None, step_images=10_000, sampling=SamplingConfig(num_inference_steps=50),
+        batch_size=256, speed_batch=64, speed_repeats=5,
     ),
 }
 
@@ -78,35 +82,44 @@ class CompareSettings:
     preset: str
     entries: dict[str, str]  # name -> config file or run folder
     overrides: list[str]
+    seeds: list[int]  # training seeds; each config entry is trained once per seed
+    baseline: str  # the entry every other one is compared with
     num_images: int
     num_real: int | None
     step_images: int
-    steps: int
-    scheduler: str | None
-    guidance: float
-    seed: int
+    sampling: SamplingConfig  # shared by every entry and seed
     kid: bool
+
+
+@dataclass
+class Run:
+    """One entry trained with one seed, and where its comparison results go (``OUT/<entry>/seed-<s>/``)."""
+
+    seed: int
+    run_dir: Path
+    results: Path
 
 
 @dataclass
 class Entry:
     name: str
     source: Path  # the config file or run folder given
-    run_dir: Path
     cfg: ExperimentConfig
+    runs: list[Run]
+    trained_here: bool
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("entries", nargs="+", metavar="CONFIG|RUN_DIR", help="configs to train (or train runs to reuse); KEY=VALUE items override config keys of every entry")
     parser.add_argument("--out", required=True, help="comparison folder (resumed when it exists)")
-    parser.add_argument("--preset", choices=PRESETS, default="quick", help="quick: CPU, ~1 hour; full: GPU (default: quick)")
+    parser.add_argument("--preset", choices=PRESETS, default="quick", help="quick: CPU, ~1 hour per seed; full: GPU (default: quick)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="training seeds: each config is trained once per seed (default: 0)")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run in parallel, each with cores // jobs threads (default: 1)")
+    parser.add_argument("--baseline", help="entry the others are compared with (default: the attention one, else the first)")
     parser.add_argument("--num-images", type=int, help="samples per model for the final FID (preset's by default)")
     parser.add_argument("--num-real", type=int, help="reference images from the dataset (preset's by default)")
     parser.add_argument("--step-images", type=int, help="samples per checkpoint for FID over training")
-    parser.add_argument("--steps", type=int, help="sampler steps")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, help="sampler (default: each run's own)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (image i's noise depends on (seed, i) only)")
+    add_sampling_arguments(parser, defaults="the preset's (scheduler: each run's own; guidance 1, seed 0)")
     parser.add_argument("--batch-size", type=int, help="images per sampling call (does not change the images)")
     parser.add_argument("--kid", action="store_true", help="also compute KID")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device for sampling and FID")
@@ -117,35 +130,52 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
     sources = [Path(e) for e in args.entries if e not in overrides]
     if len(sources) < 2:
         raise UsageError("compare needs at least two configs or run folders")
+    seeds = list(dict.fromkeys(args.seeds))
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     preset = PRESETS[args.preset]
     preset = replace(preset, **{k: v for k, v in (("num_images", args.num_images), ("num_real", args.num_real),
-                                                  ("step_images", args.step_images), ("steps", args.steps),
-                                                  ("batch_size", args.batch_size)) if v is not None})
+                                                  ("step_images", args.step_images), ("batch_size", args.batch_size)) if v is not None})
+    sampling = replace(preset.sampling, **sampling_overrides(args))
     out = Path(args.out)
-    entries = [resolve_entry(src, out, [*preset.train_overrides, *overrides]) for src in sources]
+    entries = [resolve_entry(src, out, [*preset.train_overrides, *overrides], seeds) for src in sources]
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise UsageError(f"entries must have distinct names (config file or folder names), got {names}")
     check_same_data(entries)
     settings = CompareSettings(
-        preset=args.preset, entries={e.name: str(e.source) for e in entries}, overrides=overrides,
-        num_images=preset.num_images, num_real=preset.num_real, step_images=preset.step_images, steps=preset.steps,
-        scheduler=args.scheduler, guidance=args.guidance, seed=args.seed, kid=args.kid,
+        preset=args.preset, entries={e.name: str(e.source) for e in entries}, overrides=overrides, seeds=seeds,
+        baseline=pick_baseline(entries, args.baseline), num_images=preset.num_images, num_real=preset.num_real,
+        step_images=preset.step_images, sampling=sampling, kid=args.kid,
     )
     return settings, preset, entries
 
 
-def resolve_entry(source: Path, out: Path, overrides: list[str]) -> Entry:
+def resolve_entry(source: Path, out: Path, overrides: list[str], seeds: list[int]) -> Entry:
     if source.is_dir():
         config = source / "config.yaml"
         if not (source / "model_index.json").is_file() or not config.is_file():
             raise UsageError(f"{source} is not a finished `atdiff train` run (needs model_index.json and config.yaml)")
-        return Entry(source.name, source, source, load_config(config))
+        if len(seeds) > 1:
+            raise UsageError(f"{source} is one finished run (one seed); --seeds {' '.join(map(str, seeds))} needs configs to train")
+        cfg = load_config(config)
+        seed = cfg.training.seed
+        return Entry(source.name, source, cfg, [Run(seed, source, out / source.name / f"seed-{seed}")], trained_here=False)
     if source.suffix not in (".yaml", ".yml") or not source.is_file():
         raise UsageError(f"{source} is neither a YAML config nor a run folder written by `atdiff train`")
-    run_dir = out / source.stem / "run"
-    cfg = load_config(source, [*overrides, f"training.output_dir={json.dumps(str(run_dir))}"])
-    return Entry(source.stem, source, run_dir, cfg)
+    cfg = load_config(source, overrides)  # checked here, before any work
+    runs = [Run(seed, out / source.stem / f"seed-{seed}" / "run", out / source.stem / f"seed-{seed}") for seed in seeds]
+    return Entry(source.stem, source, cfg, runs, trained_here=True)
+
+
+def pick_baseline(entries: list[Entry], name: str | None) -> str:
+    names = [e.name for e in entries]
+    if name is not None:
+        if name not in names:
+            raise UsageError(f"--baseline {name!r} is not an entry; the entries are {names}")
+        return name
+    mixers = [e.cfg.model.resolved().get("token_mixer") for e in entries]
+    return names[mixers.index("attention")] if "attention" in mixers else names[0]
 
 
 def check_same_data(entries: list[Entry]) -> None:
@@ -190,158 +220,132 @@ def stored(path: Path, compute) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(result, indent=2) + "\n")
     return result
 
 
-def train_entry(entry: Entry, config_overrides: list[str]) -> None:
-    """``atdiff train`` in a child process; ``--resume latest`` continues an interrupted run."""
-    if (entry.run_dir / "model_index.json").is_file():
+def train_overrides(preset: Preset, settings: CompareSettings) -> list[str]:
+    """Config overrides of every run trained here: the preset's, the user's, and the comparison's
+    sampling and FID settings, so the FID the runs compute during training is the one compared."""
+    sampling = [f"sampling.{key}={json.dumps(value)}" for key, value in asdict(settings.sampling).items()]
+    evals = [f"training.eval_num_images={settings.step_images}", f"training.eval_num_real={json.dumps(settings.num_real)}"]
+    return [*preset.train_overrides, *sampling, *evals, *settings.overrides]
+
+
+def train_runs(entries: list[Entry], overrides: list[str], jobs: int) -> None:
+    """``atdiff train`` for every run not finished yet, in child processes, ``jobs`` at a time;
+    ``--resume latest`` continues an interrupted run."""
+    pending = [(e, r) for e in entries if e.trained_here for r in e.runs if not (r.run_dir / "model_index.json").is_file()]
+    if not pending:
         return
-    command = [sys.executable, "-m", "atdiff", "train", "--config", str(entry.source), "--resume", "latest",
-               *config_overrides, f"training.output_dir={json.dumps(str(entry.run_dir))}"]
-    print(f"[{entry.name}] training: {shlex.join(command[2:])}", flush=True)
-    code = subprocess.call(command)
-    if code != 0:
-        raise UsageError(f"training {entry.name} stopped (exit code {code}); rerun the same compare command to resume it")
+    env = thread_environment(jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1), pending))
+    failed = [f"{entry.name} seed {run.seed} (exit code {code})" for (entry, run), code in zip(pending, codes) if code]
+    if failed:
+        raise UsageError(f"training stopped: {', '.join(failed)}; rerun the same compare command to resume")
 
 
-def fid_of(pipeline_or_dir, folder: Path, entry: Entry, settings: CompareSettings, num_images: int, batch_size: int, device: str) -> dict:
-    sampling = SamplingSettings(
-        pipeline=str(entry.run_dir.resolve()), scheduler=settings.scheduler, steps=settings.steps,
-        guidance=settings.guidance, seed=settings.seed, class_labels=None,
-    )
-    sample_into_folder(pipeline_or_dir, folder, sampling, num_images, batch_size, device)
-    real = dataset_spec(entry.cfg.data, settings.num_real)
-    return compute_metrics(real, str(folder), kid=settings.kid, num_fake=num_images, device=device)
+def train_run(entry: Entry, run: Run, overrides: list[str], env: dict | None, to_log: bool) -> int:
+    command = [sys.executable, "-m", "atdiff", "train", "--config", str(entry.source), "--resume", "latest", *overrides,
+               f"training.seed={run.seed}", f"training.output_dir={json.dumps(str(run.run_dir))}"]
+    if not to_log:
+        print(f"[{entry.name} seed {run.seed}] training: {shlex.join(command[2:])}", flush=True)
+        return subprocess.call(command, env=env)
+    # Parallel runs would interleave their progress bars: each writes its own log.
+    log = run.results / "train.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{entry.name} seed {run.seed}] training, log in {log}", flush=True)
+    with open(log, "a") as stream:
+        code = subprocess.call(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    print(f"[{entry.name} seed {run.seed}] training {'done' if code == 0 else f'stopped (exit code {code})'}", flush=True)
+    return code
 
 
-def fid_by_step(entry: Entry, settings: CompareSettings, batch_size: int, device: str) -> list[dict]:
+def thread_environment(jobs: int) -> dict | None:
+    """The environment of ``jobs`` parallel trainings: the cores split between them (OpenMP threads
+    beyond a process's share only contend); None (inherit) for one job."""
+    if jobs == 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = str(max(cores // jobs, 1))
+    return {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def fid_of(pipeline, folder: Path, record: SampleRecord, settings: CompareSettings, data, num_images: int, batch_size: int, device: str) -> dict:
+    sample_into_folder(pipeline, folder, record, num_images, batch_size, device)
+    return compute_metrics(dataset_spec(data, settings.num_real), str(folder), kid=settings.kid, num_fake=num_images, device=device)
+
+
+def final_fid(entry: Entry, run: Run, settings: CompareSettings, batch_size: int, device: str) -> dict:
+    record = SampleRecord(str(run.run_dir.resolve()), settings.sampling)
+    return stored(run.results / "fid.json", lambda: fid_of(
+        run.run_dir, run.results / "samples", record, settings, entry.cfg.data, settings.num_images, batch_size, device))
+
+
+def fid_by_step(entry: Entry, run: Run, settings: CompareSettings, batch_size: int, device: str) -> list[dict]:
+    """FID of the EMA weights at every checkpoint: the run's own evals when it made them with these
+    settings, else each checkpoint sampled here. Results stay under ``OUT/<entry>/seed-<s>/``."""
+    evals = evals_from_training(run.run_dir, settings)
+    if evals:
+        return evals
     points = []
-    for step, checkpoint in list_checkpoints(entry.run_dir):
+    for step, checkpoint in list_checkpoints(run.run_dir):
         def compute(step=step, checkpoint=checkpoint):
-            pipe = pipeline_at_checkpoint(checkpoint)
-            metrics = fid_of(pipe, entry.run_dir.parent / f"samples-step-{step}", entry, settings, settings.step_images, batch_size, device)
-            return {"step": step, **metrics}
+            pipe = use_scheduler(pipeline_at_checkpoint(checkpoint), settings.sampling.scheduler)
+            record = SampleRecord(str(checkpoint.resolve()), settings.sampling)
+            folder = run.results / f"samples-step-{step}"
+            return {"step": step, **fid_of(pipe, folder, record, settings, entry.cfg.data, settings.step_images, batch_size, device)}
 
-        points.append(stored(entry.run_dir.parent / f"fid-step-{step}.json", compute))
+        points.append(stored(run.results / f"fid-step-{step}.json", compute))
     return points
 
 
-def sampling_speed(run_dir: str, scheduler: str | None, steps: int, batch: int, repeats: int, device: str) -> dict:
-    """Median images/s over ``repeats`` timed batches after a warm-up; runs in a fresh process."""
+def evals_from_training(run_dir: Path, settings: CompareSettings) -> list[dict] | None:
+    """The FIDs the run computed during training (``training_stats.json``), if made with the
+    comparison's sample count, reference set and sampling settings (and KID when it wants KID)."""
+    stats_file = run_dir / "training_stats.json"
+    evals = json.loads(stats_file.read_text()).get("evals") if stats_file.is_file() else None
+    wanted = {"num_fake": settings.step_images, "num_real_asked": settings.num_real, "sampling": asdict(settings.sampling)}
+    if not evals or any({k: e.get(k) for k in wanted} != wanted or (settings.kid and "kid_mean" not in e) for e in evals):
+        return None
+    return evals
+
+
+def sampling_speed(run_dir: str, sampling: dict, batch: int, repeats: int, device: str) -> dict:
+    """Median images/s over ``repeats`` timed batches after a warm-up, whose peak memory is the
+    model's (weights + what sampling allocates); runs in a fresh process."""
     from atdiff.sampling import load_pipeline
 
     torch.manual_seed(0)
-    pipe = load_pipeline(Path(run_dir), scheduler, device)
+    sampling = SamplingConfig(**sampling)
+    pipe = load_pipeline(Path(run_dir), sampling.scheduler, device)
     pipe.set_progress_bar_config(disable=True)
-    labels = list(range(batch)) if pipe.num_classes else None
-    labels = [label % pipe.num_classes for label in labels] if labels else None
+    labels = [i % pipe.num_classes for i in range(batch)] if pipe.num_classes else None
 
     def call():
-        pipe(batch_size=batch, class_labels=labels, num_inference_steps=steps, output_type="pt")
+        pipe(batch_size=batch, class_labels=labels, num_inference_steps=sampling.num_inference_steps,
+             guidance_scale=sampling.guidance_scale, output_type="pt")
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    call()  # warm-up: allocator, kernels, caches
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    memory = model_peak_memory(call, torch.device(device), module_tensors(*modules))  # also the warm-up
+    rates = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
-        times.append(time.perf_counter() - start)
-    return {"images_per_s": batch / statistics.median(times), "batch": batch, "steps": steps, "repeats": repeats,
-            **peak_memory(torch.device(device))}
+        rates.append(batch / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "images_per_s_std": statistics.stdev(rates) if repeats > 1 else None,
+            "batch": batch, "steps": sampling.num_inference_steps, "repeats": repeats, **memory,
+            **process_peak_memory(torch.device(device))}
 
 
 def measure_in_child(fn, *args) -> dict:
-    # "spawn": a fresh interpreter, so the peak-memory figure is this model's alone.
+    # "spawn": a fresh interpreter, so the process figures are this model's process alone.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
-
-
-# ------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------
-
-
-def write_report(out: Path, settings: CompareSettings, command: str, results: dict[str, dict], differences: list[str]) -> None:
-    report = {"command": command, "settings": asdict(settings), "config_differences": differences, "entries": results}
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    plot_fid_by_step(out / "fid_vs_step.png", results)
-    plot_throughput(out / "throughput.png", results)
-
-    kid = settings.kid
-    lines = [
-        "# Token-mixer comparison", "",
-        f"Command: `{command}`", "",
-        f"Preset `{settings.preset}`: {settings.num_images} samples per model against {settings.num_real or 'all'} "
-        f"reference images, {settings.steps} sampler steps ({settings.scheduler or 'each run’s own scheduler'}), "
-        f"guidance {settings.guidance}, seed {settings.seed}. The configs differ in: "
-        f"{', '.join(differences) or 'nothing'}.", "",
-        "| model | token mixer | params | FID" + (" | KID x1e3" if kid else "") +
-        " | train img/s | train peak MB | sample img/s | sample peak MB |",
-        "|---|---|---:|---:" + ("|---:" if kid else "") + "|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        t, s, f = r["training"], r["sampling"], r["fid"]
-        kid_cell = f" | {1e3 * f['kid_mean']:.2f} ± {1e3 * f['kid_std']:.2f}" if kid else ""
-        lines.append(
-            f"| {name} | {r['token_mixer']} | {r['params']:,} | {f['fid']:.2f}{kid_cell} | "
-            f"{t.get('images_per_s', float('nan')):.1f} | {t.get('peak_memory_mb', float('nan')):.0f} | "
-            f"{s['images_per_s']:.2f} | {s['peak_memory_mb']:.0f} |"
-        )
-    lines += ["", "FID over training (EMA weights at each checkpoint, "
-              f"{settings.step_images} samples each):", "",
-              "| model | " + " | ".join(f"step {p['step']}" for p in next(iter(results.values()))["fid_by_step"]) + " |",
-              "|---|" + "---:|" * len(next(iter(results.values()))["fid_by_step"])]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{p['fid']:.2f}" for p in r["fid_by_step"]) + " |")
-    first = next(iter(results.values()))
-    lines += [
-        "",
-        f"Training speed is the median over training steps (`training_stats.json`, {first['training'].get('device', '?')}); "
-        f"sampling speed the median of {first['sampling']['repeats']} batches of {first['sampling']['batch']} images after a "
-        f"warm-up, each model in its own process. Peak memory: {first['sampling']['peak_memory_kind']}. FID with "
-        f"torch-fidelity and {first['fid'].get('feature_extractor', 'Inception-v3')}.",
-        "", "![FID over training](fid_vs_step.png) ![throughput](throughput.png)", "",
-    ]
-    write_atomic(out / "report.md", "\n".join(lines))
-
-
-def plot_fid_by_step(path: Path, results: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, r in results.items():
-        points = r["fid_by_step"]
-        ax.plot([p["step"] for p in points], [p["fid"] for p in points], marker="o", label=name)
-    ax.set(xlabel="training step", ylabel="FID", title="FID over training")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_throughput(path: Path, results: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for ax, key, title in ((axes[0], "training", "training images/s"), (axes[1], "sampling", "sampling images/s")):
-        ax.bar(names, [results[n][key].get("images_per_s", 0.0) for n in names], color=["C0", "C1", "C2", "C3"][: len(names)])
-        ax.set_title(title)
-        ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,28 +358,30 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     claim_comparison(out, settings)
     command = json.loads((out / "compare.json").read_text())["command"]
-    config_overrides = [*preset.train_overrides, *settings.overrides]
-
-    results = {}
-    for entry in entries:
-        train_entry(entry, config_overrides)
-        folder = out / entry.name
-        fid = stored(folder / "fid.json", lambda: fid_of(
-            entry.run_dir, folder / "samples", entry, settings, settings.num_images, preset.batch_size, args.device))
-        steps = fid_by_step(entry, settings, preset.batch_size, args.device)
-        speed = stored(folder / "sampling_speed.json", lambda: measure_in_child(
-            sampling_speed, str(entry.run_dir), settings.scheduler, settings.steps, preset.speed_batch, preset.speed_repeats, args.device))
-        stats_file = entry.run_dir / "training_stats.json"
-        training = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-        results[entry.name] = {
-            "source": str(entry.source), "run_dir": str(entry.run_dir), "token_mixer": entry.cfg.model.resolved().get("token_mixer"),
-            "params": training.get("params") or param_count(entry.run_dir), "fid": fid, "fid_by_step": steps,
-            "sampling": speed, "training": training,
-        }
-        print(f"[{entry.name}] FID {fid['fid']:.2f}, sampling {speed['images_per_s']:.2f} img/s", flush=True)
-    write_report(out, settings, command, results, mixer_differences(entries))
+    train_runs(entries, train_overrides(preset, settings), args.jobs)
+    results = {entry.name: evaluate_entry(entry, settings, preset, args.device) for entry in entries}
+    write_report(out, settings, command, results, mixer_differences(entries), jobs=args.jobs)
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def evaluate_entry(entry: Entry, settings: CompareSettings, preset: Preset, device: str) -> dict:
+    runs = {}
+    for run in entry.runs:
+        fid = final_fid(entry, run, settings, preset.batch_size, device)
+        steps = fid_by_step(entry, run, settings, preset.batch_size, device)
+        stats_file = run.run_dir / "training_stats.json"
+        training = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        runs[str(run.seed)] = {"run_dir": str(run.run_dir), "fid": fid, "fid_by_step": steps, "training": training}
+        print(f"[{entry.name} seed {run.seed}] FID {fid['fid']:.2f}", flush=True)
+    # Sampling cost depends on the architecture, not on the trained weights: measured once per entry.
+    first = entry.runs[0]
+    speed = stored(first.results.parent / "sampling_speed.json", lambda: measure_in_child(
+        sampling_speed, str(first.run_dir), asdict(settings.sampling), preset.speed_batch, preset.speed_repeats, device))
+    print(f"[{entry.name}] sampling {speed['images_per_s']:.2f} img/s, model {speed['model_memory_mb']:.0f} MB", flush=True)
+    training = runs[str(first.seed)]["training"]
+    return {"source": str(entry.source), "token_mixer": entry.cfg.model.resolved().get("token_mixer"),
+            "params": training.get("params") or param_count(first.run_dir), "sampling": speed, "runs": runs}
 
 
 def param_count(run_dir: Path) -> int:

@@ -48,7 +48,15 @@ from torch_fidelity.utils import (
 from atdiff.config import SamplingConfig, load_config
 from atdiff.data import DATASETS, DataConfig, load_dataset
 from atdiff.errors import UsageError
-from atdiff.sampling import SETTINGS_FILE, SamplingSettings, image_path, sample_into_folder
+from atdiff.sampling import (
+    SETTINGS_FILE,
+    SampleRecord,
+    add_sampling_arguments,
+    image_path,
+    sample_into_folder,
+    sampling_for,
+    sampling_overrides,
+)
 
 from .fid_cache import FeatureCache
 from .fid_statistics import FidStatistics, fid_from_statistics, is_statistics_file, read_statistics, write_statistics
@@ -138,18 +146,21 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
 
 
 def image_set(
-    source, num: int | None = None, *, sampling: SamplingOptions | None = None, device: str = "cpu"
+    source, num: int | None = None, *, sampling: SamplingConfig | dict | None = None, sample_batch_size: int = 64,
+    device: str = "cpu",
 ) -> ImageSet:
     """The images ``source`` names (see the module docstring), ``num`` of them (None: all); a pipeline
-    folder is sampled with ``sampling`` on ``device``."""
-    images = resolve_source(source, num, sampling=sampling, device=device)
+    folder is sampled on ``device``, ``sample_batch_size`` images per call, with ``sampling`` (a
+    SamplingConfig; or the run's own sampling section, with the fields a dict ``sampling`` sets)."""
+    images = resolve_source(source, num, sampling=sampling, sample_batch_size=sample_batch_size, device=device)
     if isinstance(images, FidStatistics):
         raise UsageError(f"{source} holds FID statistics (mu, sigma), not images; pass the images it came from")
     return images
 
 
 def resolve_source(
-    source, num: int | None = None, *, sampling: SamplingOptions | None = None, device: str = "cpu"
+    source, num: int | None = None, *, sampling: SamplingConfig | dict | None = None, sample_batch_size: int = 64,
+    device: str = "cpu",
 ) -> ImageSet | FidStatistics:
     """The images or the statistics ``source`` names: a string typed by ``source_kind``, a
     ``DataConfig``/``DatasetSpec``, or ``FidStatistics``."""
@@ -177,7 +188,7 @@ def resolve_source(
     if kind == "pipeline":
         if not (path / "model_index.json").is_file():
             raise UsageError(f"pipeline:{text}: not a pipeline folder (no model_index.json)")
-        return _pipeline_images(path, num, sampling or SamplingOptions(), device)
+        return _pipeline_images(path, num, sampling_for(path, sampling), sample_batch_size, device)
     if kind == "npz":
         return _subset(ImageSet(_npz_images(path), str(path), to_rgb=gray_to_rgb), num)
     if num is not None and (path / SETTINGS_FILE).is_file():
@@ -287,36 +298,22 @@ def _npz_images(path: Path) -> NpzImages:
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SamplingOptions:
-    """How images are sampled from a pipeline folder (``atdiff sample``'s settings)."""
-
-    steps: int = SamplingConfig.num_inference_steps
-    guidance: float = SamplingConfig.guidance_scale
-    scheduler: str | None = None  # None: the pipeline's own
-    seed: int = 0
-    batch_size: int = 64
-    guidance_channels: int | None = SamplingConfig.guidance_channels  # None: all
-
-    @property
-    def folder_name(self) -> str:
-        name = f"steps{self.steps}-guidance{self.guidance:g}-seed{self.seed}" + (f"-{self.scheduler}" if self.scheduler else "")
-        return name + (f"-gch{self.guidance_channels}" if self.guidance_channels is not None else "")
+def samples_folder_name(sampling: SamplingConfig) -> str:
+    s = sampling
+    name = f"steps{s.num_inference_steps}-guidance{s.guidance_scale:g}-seed{s.seed}" + (f"-{s.scheduler}" if s.scheduler else "")
+    return name + (f"-gch{s.guidance_channels}" if s.guidance_channels is not None else "")
 
 
-def _pipeline_images(pipeline_dir: Path, num: int | None, options: SamplingOptions, device: str) -> ImageSet:
+def _pipeline_images(pipeline_dir: Path, num: int | None, sampling: SamplingConfig, batch_size: int, device: str) -> ImageSet:
     if num is None or num < 1:
         raise UsageError(
             f"{pipeline_dir} is a pipeline folder: say how many images to sample from it (--num-fake N or --num-real N, N >= 1)"
         )
-    folder = pipeline_dir / FID_SAMPLES_DIR / options.folder_name
-    settings = SamplingSettings(
-        pipeline=str(pipeline_dir.resolve()), scheduler=options.scheduler, steps=options.steps,
-        guidance=options.guidance, seed=options.seed, class_labels=None, guidance_channels=options.guidance_channels,
-    )
+    name = samples_folder_name(sampling)
+    folder = pipeline_dir / FID_SAMPLES_DIR / name
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
-        sample_into_folder(pipeline_dir, folder, settings, num, options.batch_size, device)
-    return _sampled_images(folder, num, f"{pipeline_dir} ({num} samples, {options.folder_name})")
+        sample_into_folder(pipeline_dir, folder, SampleRecord(str(pipeline_dir.resolve()), sampling), num, batch_size, device)
+    return _sampled_images(folder, num, f"{pipeline_dir} ({num} samples, {name})")
 
 
 def _sampled_images(folder: Path, num: int, description: str) -> ImageSet:
@@ -349,14 +346,16 @@ def compute_metrics(
     cache: bool = True,
     cache_root: str | Path | None = None,
     device: str | None = None,
-    sampling: SamplingOptions | None = None,
+    sampling: SamplingConfig | dict | None = None,
+    sample_batch_size: int = 64,
     verbose: bool = False,
 ) -> dict:
     """FID between two image sets (and KID, precision/recall, Inception Score of ``fake`` on request).
 
     ``real``/``fake``: a folder, ``.npz`` (images or statistics), dataset spec string, config ``.yaml``,
     pipeline folder (or any of these with a ``KIND:`` prefix), ``DataConfig``, ``DatasetSpec`` or
-    ``FidStatistics``; ``num_*`` subsample them (seeded) or set how many to sample.
+    ``FidStatistics``; ``num_*`` subsample them (seeded) or set how many to sample (as ``sampling``
+    says, see ``image_set``).
     Returns a flat dict: ``fid`` [``kid_mean``, ``kid_std``] [``precision``, ``recall``, ``f_score``]
     [``isc_mean``, ``isc_std``], ``num_real``, ``num_fake`` (null for statistics files that do not say),
     ``feature_extractor``, ``real``, ``fake`` and ``real_from_cache`` (True when no real image had to be read).
@@ -366,8 +365,9 @@ def compute_metrics(
         verbose=verbose, isc=isc,
     )
     sample_on = device or ("cuda" if extraction.cuda else "cpu")
-    real_side = resolve_source(real, num_real, sampling=sampling, device=sample_on)
-    fake_side = resolve_source(fake, num_fake, sampling=sampling, device=sample_on)
+    pipelines = dict(sampling=sampling, sample_batch_size=sample_batch_size, device=sample_on)
+    real_side = resolve_source(real, num_real, **pipelines)
+    fake_side = resolve_source(fake, num_fake, **pipelines)
     _refuse_metrics_of_statistics(real_side, fake_side, kid=kid, prc=prc, isc=isc)
     for side, name in ((real_side, "real"), (fake_side, "fake")):
         if isinstance(side, ImageSet) and len(side) < 2:
@@ -399,7 +399,10 @@ def compute_metrics(
     return _result(out, real_side, fake_side, extraction.weights)
 
 
-def save_statistics(source, out: str | Path, *, num: int | None = None, sampling: SamplingOptions | None = None, **options) -> dict:
+def save_statistics(
+    source, out: str | Path, *, num: int | None = None, sampling: SamplingConfig | dict | None = None, sample_batch_size: int = 64,
+    **options,
+) -> dict:
     """Write the FID statistics of ``source`` (any source of ``compute_metrics``, ``num`` of its images)
     to the ``.npz`` ``out``, which every FID tool reads (``mu``, ``sigma``); returns what was written.
     ``options``: ``compute_metrics``'s ``inception_weights``, ``batch_size``, ``cache``, ``cache_root``,
@@ -412,7 +415,8 @@ def save_statistics(source, out: str | Path, *, num: int | None = None, sampling
     if not out.parent.is_dir():
         raise UsageError(f"--save-stats {out}: no folder {out.parent}")
     extraction = _Extraction.start(**options)
-    side = resolve_source(source, num, sampling=sampling, device=options.get("device") or ("cuda" if extraction.cuda else "cpu"))
+    device = options.get("device") or ("cuda" if extraction.cuda else "cpu")
+    side = resolve_source(source, num, sampling=sampling, sample_batch_size=sample_batch_size, device=device)
     stats = extraction.statistics_of(side)
     write_statistics(stats, out)
     return {"saved": str(out), "source": stats.description, "num_images": stats.num_images, "feature_extractor": stats.feature_extractor}
@@ -564,20 +568,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="neither read nor write cached reference statistics")
     parser.add_argument("--cache-dir", help="where reference statistics are cached; default: $ATDIFF_CACHE/fid or ~/.cache/atdiff/fid")
     group = parser.add_argument_group("sampling, when a side is a pipeline folder")
-    defaults = SamplingOptions()
-    group.add_argument("--steps", type=int, default=defaults.steps, help="sampler steps (default: %(default)s)")
-    group.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale (default: %(default)s)")
-    group.add_argument("--guidance-channels", type=int, metavar="N", help="guide only the first N channels (DiT/SiT: 3); default: all")
-    group.add_argument("--scheduler", help="a scheduler name of `atdiff sample` (e.g. sde, ode-dopri5); default: the pipeline's own")
-    group.add_argument("--seed", type=int, default=defaults.seed, help="image i's noise depends only on (seed, i)")
-    group.add_argument("--sample-batch-size", type=int, default=defaults.batch_size, help="images per sampling call")
+    add_sampling_arguments(group)
+    group.add_argument("--sample-batch-size", type=int, default=64, help="images per sampling call")
 
 
 def run(args: argparse.Namespace) -> int:
-    sampling = SamplingOptions(args.steps, args.guidance, args.scheduler, args.seed, args.sample_batch_size, args.guidance_channels)
     common = dict(
         inception_weights=args.inception_weights, batch_size=args.batch_size, cache=args.cache, cache_root=args.cache_dir,
-        device=args.device, sampling=sampling, verbose=True,
+        device=args.device, sampling=sampling_overrides(args), sample_batch_size=args.sample_batch_size, verbose=True,
     )
     if args.save_stats is not None:
         if args.fake is not None:

@@ -1,6 +1,8 @@
-"""`atdiff compare` on tiny configs: a complete report, resumed without redoing finished stages."""
+"""`atdiff compare` on tiny configs: a complete report over two seeds, resumed without redoing
+finished stages; finished run folders as entries."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ TINY = [
     "model.size=XS/4", "model.sample_size=16", "data.resolution=16", "training.batch_size=8",
     "training.max_steps=4", "training.checkpoint_every=2", "training.log_with=none", "training.num_sample_images=2",
 ]
+SEEDS = ["--seeds", "0", "1"]
 SMALL = ["--num-images", "8", "--num-real", "16", "--step-images", "6", "--steps", "2", "--batch-size", "8"]
 
 
@@ -28,7 +31,7 @@ def finished(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # module-wide: a fresh cache, not the user's
         mp.setenv("ATDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
         out = tmp_path_factory.mktemp("compare")
-        assert compare(out) == 0
+        assert compare(out, *SEEDS, "--jobs", "2") == 0
         yield out
 
 
@@ -37,35 +40,73 @@ def test_report_is_complete(finished):
     assert report["config_differences"] == ["model.token_mixer"]
     assert set(report["entries"]) == {"fashion-mnist-dit-t4-attention", "fashion-mnist-dit-t4-atconv"}
     for entry in report["entries"].values():
-        assert entry["fid"]["fid"] > 0 and entry["fid"]["num_fake"] == 8 and entry["fid"]["num_real"] == 16
-        assert [p["step"] for p in entry["fid_by_step"]] == [2, 4]
-        assert entry["sampling"]["images_per_s"] > 0 and entry["sampling"]["peak_memory_mb"] > 0
-        assert entry["training"]["images_per_s"] > 0 and entry["params"] > 0
+        assert list(entry["runs"]) == ["0", "1"]
+        for run in entry["runs"].values():
+            assert run["fid"]["fid"] > 0 and run["fid"]["num_fake"] == 8 and run["fid"]["num_real"] == 16
+            assert [p["step"] for p in run["fid_by_step"]] == [2, 4]
+            assert run["training"]["images_per_s"] > 0 and entry["params"] > 0
+        assert 0 < entry["sampling"]["model_memory_mb"] < entry["sampling"]["process_peak_mb"]
+        assert entry["sampling"]["images_per_s"] > 0
+        # two training seeds, two models: different numbers, summarised with a spread
+        assert entry["runs"]["0"]["fid"]["fid"] != entry["runs"]["1"]["fid"]["fid"]
+        assert entry["summary"]["fid"]["n"] == 2 and entry["summary"]["fid"]["std"] > 0
     attention, atconv = (report["entries"][f"fashion-mnist-dit-t4-{m}"] for m in ("attention", "atconv"))
     assert atconv["params"] < attention["params"]
+    comparison = report["comparisons"]["fashion-mnist-dit-t4-atconv - fashion-mnist-dit-t4-attention"]
+    for metric in ("fid", "fid_over_training"):
+        fids = [[entry["runs"][seed]["fid"]["fid"] for seed in ("0", "1")] for entry in (atconv, attention)]
+        if metric == "fid":  # paired by seed
+            assert comparison[metric]["differences"] == pytest.approx([fids[0][0] - fids[1][0], fids[0][1] - fids[1][1]])
+        low, high = comparison[metric]["interval_95"]
+        assert low == pytest.approx(min(comparison[metric]["differences"]))  # two seeds: the bootstrap's extremes
+        assert high == pytest.approx(max(comparison[metric]["differences"]))
+        assert comparison[metric]["verdict"] in ("better", "worse", "not distinguishable")
     markdown = (finished / "report.md").read_text()
     assert "atdiff compare" in markdown and "| fashion-mnist-dit-t4-atconv | atconv |" in markdown
+    assert "FID: fashion-mnist-dit-t4-atconv is " in markdown and "| fashion-mnist-dit-t4-atconv | 1 |" in markdown
+    # parallel trainings log to files instead of interleaving progress bars
+    assert "train:" in (finished / "fashion-mnist-dit-t4-atconv" / "seed-1" / "train.log").read_text()
     assert (finished / "fid_vs_step.png").stat().st_size > 0 and (finished / "throughput.png").stat().st_size > 0
 
 
 def test_resume_redoes_only_missing_stages(finished):
     out = finished  # as if interrupted before one stage of one entry and before the report
-    kept = out / "fashion-mnist-dit-t4-attention" / "fid.json"
-    dropped = out / "fashion-mnist-dit-t4-atconv" / "fid-step-2.json"
+    kept = out / "fashion-mnist-dit-t4-attention" / "seed-0" / "fid.json"
+    dropped = out / "fashion-mnist-dit-t4-atconv" / "seed-0" / "fid-step-2.json"
     kept_text, dropped_text = kept.read_text(), dropped.read_text()
     kept_mtime = kept.stat().st_mtime_ns
     dropped.unlink()
     (out / "report.md").unlink()
-    assert compare(out) == 0
+    assert compare(out, *SEEDS) == 0
     assert kept.stat().st_mtime_ns == kept_mtime and kept.read_text() == kept_text
     # recomputed from the same stored samples: the same number
     assert json.loads(dropped.read_text())["fid"] == pytest.approx(json.loads(dropped_text)["fid"], rel=1e-6)
     assert (out / "report.md").is_file()
 
 
+def test_run_folder_entries_keep_their_results_under_out(finished, tmp_path):
+    """Two finished sibling runs: each entry's FID over training is its own, stored under --out."""
+    runs = tmp_path / "runs"
+    for mixer in ("attention", "atconv"):
+        shutil.copytree(finished / f"fashion-mnist-dit-t4-{mixer}" / "seed-0" / "run", runs / mixer)
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    out = tmp_path / "out"
+    assert main(["compare", str(runs / "attention"), str(runs / "atconv"), "--out", str(out), *SMALL, "--device", "cpu"]) == 0
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before  # nothing written next to the runs
+    report = json.loads((out / "report.json").read_text())
+    for mixer in ("attention", "atconv"):
+        assert (out / mixer / "seed-0" / "fid-step-2.json").is_file()
+        # checkpoints sampled here with the same settings give the FIDs the trained comparison had
+        original = json.loads((finished / "report.json").read_text())["entries"][f"fashion-mnist-dit-t4-{mixer}"]
+        ours = report["entries"][mixer]["runs"]["0"]["fid_by_step"]
+        assert [p["fid"] for p in ours] == pytest.approx([p["fid"] for p in original["runs"]["0"]["fid_by_step"]], rel=1e-5)
+    by_step = [[p["fid"] for p in report["entries"][m]["runs"]["0"]["fid_by_step"]] for m in ("attention", "atconv")]
+    assert by_step[0] != by_step[1]
+
+
 def test_other_settings_are_refused(finished, capsys):
-    assert compare(finished, "--seed", "1") == 2
-    assert "holds a comparison with other settings (seed)" in capsys.readouterr().err
+    assert compare(finished, *SEEDS, "--seed", "1") == 2
+    assert "holds a comparison with other settings (sampling)" in capsys.readouterr().err
 
 
 def test_needs_two_entries_with_the_same_data(tmp_path, capsys):
@@ -76,6 +117,12 @@ def test_needs_two_entries_with_the_same_data(tmp_path, capsys):
     assert main(["compare", one, cifar, "--out", str(tmp_path / "b")]) == 2
     assert "different data" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before any work
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("model_index.json", "config.yaml"):
+        shutil.copy(CONFIGS / "fashion-mnist-dit-t4-atconv.yaml" if name == "config.yaml" else __file__, run_dir / name)
+    assert main(["compare", str(run_dir), one, "--seeds", "0", "1", "--out", str(tmp_path / "c")]) == 2
+    assert "is one finished run (one seed); --seeds 0 1 needs configs to train" in capsys.readouterr().err
 
 
 def test_out_that_is_a_file_or_a_foreign_folder_is_refused_before_training(tmp_path, capsys):

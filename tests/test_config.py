@@ -81,6 +81,7 @@ def test_round_trip_through_to_dict():
         ({**MINIMAL, "model": {**MINIMAL["model"], "sample_size": 28}}, ["model.sample_size", "data.resolution"]),
         ({**MINIMAL, "model": {**MINIMAL["model"], "class_dropout_prob": 0}, "sampling": {"guidance_scale": 4}}, ["sampling.guidance_scale", "class_dropout_prob"]),
         ({**MINIMAL, "sampling": {"guidance_channels": 4}}, ["sampling.guidance_channels=4", "at most model.in_channels (1)"]),
+        ({**MINIMAL, "objective": {"type": "flow_matching"}, "sampling": {"scheduler": "ddim"}}, ["sampling.scheduler", "'euler'"]),
     ],
 )
 def test_bad_config_names_the_key(raw, needles):
@@ -168,6 +169,7 @@ BAD_VALUES = [
     ("objective.num_train_timesteps", 0), ("objective.distill_weight", 0), ("objective.distill_weight", 1.5),
     ("data.resolution", -32), ("data.num_workers", -1),
     ("sampling.num_inference_steps", 0), ("sampling.guidance_scale", float("nan")), ("sampling.guidance_channels", 0),
+    ("sampling.seed", -1), ("training.eval_every", -1), ("training.eval_num_images", 1), ("training.eval_num_real", 1),
 ]
 
 

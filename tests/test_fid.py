@@ -25,14 +25,8 @@ from assets import needs_fid_assets
 from atdiff.cli import main
 from atdiff.data import DataConfig
 from atdiff.errors import UsageError
-from atdiff.eval.fid import (
-    DatasetSpec,
-    SamplingOptions,
-    compute_metrics,
-    image_set,
-    parse_dataset_spec,
-    save_statistics,
-)
+from atdiff.config import SamplingConfig
+from atdiff.eval.fid import DatasetSpec, compute_metrics, image_set, parse_dataset_spec, save_statistics
 from atdiff.eval.fid_statistics import read_statistics
 from atdiff.eval.inception import FusedInceptionV3, INCEPTION_NAME, find_fid_helper_torchscript, resolve_inception_weights
 from atdiff.pipelines import ImageDiffusionPipeline
@@ -158,7 +152,7 @@ def test_pipeline_folder_is_sampled_then_scored(clean, tmp_path):
     pipeline_dir = tmp_path / "pipe"
     ImageDiffusionPipeline(model=tiny_dit(), scheduler=DDPMScheduler()).save_pretrained(pipeline_dir)
     result = compute_metrics(
-        REAL, str(pipeline_dir), num_real=N, num_fake=4, sampling=SamplingOptions(steps=2), device="cpu"
+        REAL, str(pipeline_dir), num_real=N, num_fake=4, sampling=SamplingConfig(num_inference_steps=2), device="cpu"
     )
     folder = pipeline_dir / "fid_samples" / "steps2-guidance1-seed0"
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]

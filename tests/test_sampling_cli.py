@@ -77,6 +77,18 @@ def test_freshly_trained_folder_loads_and_samples(trained_dir, tmp_path):
         assert data["arr_0"].shape == (3, 32, 32, 1) and data["arr_1"].tolist() == [0, 1, 2]
 
 
+def test_run_folder_samples_with_its_own_sampling_section_unless_flags_override(trained_dir, tmp_path):
+    def record(out, *flags):
+        assert main(["sample", str(trained_dir), "--out", str(out), "--num-images", "1", "--device", "cpu", *flags]) == 0
+        return json.loads((out / "atdiff_sample.json").read_text())
+
+    # the run's config.yaml: sampling.num_inference_steps=2 (override at training), guidance_scale 3.0 (config file)
+    own = record(tmp_path / "own")
+    assert (own["num_inference_steps"], own["guidance_scale"], own["scheduler"], own["seed"]) == (2, 3.0, None, 0)
+    flagged = record(tmp_path / "flagged", "--steps", "1", "--guidance", "1", "--scheduler", "heun")
+    assert (flagged["num_inference_steps"], flagged["guidance_scale"], flagged["scheduler"]) == (1, 1.0, "heun")
+
+
 @pytest.mark.parametrize("scheduler", ["sde", "ode-dopri5"])
 def test_sit_samplers_from_the_command_line(trained_dir, tmp_path, scheduler):
     out = tmp_path / "s.npz"
