@@ -1,14 +1,17 @@
-"""``atdiff compare``: token mixers side by side, on equal terms, in one resumable report.
+"""``atdiff compare``: token mixers side by side, on equal terms, over training seeds, in one
+resumable report.
 
-Each entry is a config (trained here) or a run folder written by ``atdiff train``. Every entry is
-trained with the same preset overrides, sampled with the same seeds, scheduler and steps, and scored
-against the same cached reference statistics. Work is split into stages whose results are stored
-under ``OUT/<name>/`` once complete, so an interrupted comparison resumes where it stopped:
+Each entry is a config (trained here once per ``--seeds`` seed) or a run folder written by ``atdiff
+train`` (one seed). Every run is trained with the same preset overrides, sampled with the same
+``SamplingConfig`` and scored against the same cached reference statistics. Work is split into
+stages whose results are stored under ``OUT/<entry>/seed-<s>/`` once complete, so an interrupted
+comparison resumes where it stopped:
 
-    train -> samples + FID -> FID at every checkpoint -> sampling speed -> report
+    train (--jobs at a time) -> samples + FID -> FID over training -> sampling speed -> report
 
-Training runs in a child process (``atdiff train``, with its own checkpoints and Ctrl-C handling),
-and so does the sampling-speed probe, so each peak-memory figure belongs to one model alone.
+Training runs in child processes (``atdiff train``, with its own checkpoints, Ctrl-C handling and
+FID evals), and so does the sampling-speed probe, so its process figures belong to one model alone.
+``compare_report`` turns the results into mean +- std and paired intervals (``stats``).
 """
 
 from __future__ import annotations

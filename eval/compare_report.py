@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atdiff.files import write_atomic
 
-from .stats import paired_bootstrap_interval, summarize, verdict
+from .stats import paired_bootstrap_interval, paired_t_interval, summarize, verdict
 
 # Quality metrics (lower is better), their labels and how to read them from a run.
 QUALITY = {
@@ -27,7 +27,10 @@ QUALITY = {
 }
 COST = {
     "train_median_img_s": ("train img/s, median step", lambda run: run["training"].get("images_per_s")),
-    "train_wall_img_s": ("train img/s, wall clock", lambda run: (run["training"].get("wall_clock") or {}).get("images_per_s")),
+    "train_wall_img_s": ("train img/s, wall clock", lambda run: wall_clock(run).get("images_per_s")),
+    "train_wall_s": ("train s, wall clock", lambda run: wall_clock(run).get("seconds")),
+    "train_side_s": ("of which grids + evals + checkpoints s",
+                     lambda run: sum(wall_clock(run)[f"{k}_s"] for k in ("sample_grids", "evals", "checkpoints")) if wall_clock(run) else None),
     "train_model_mb": ("train model MB", lambda run: run["training"].get("model_memory_mb")),
     "train_process_mb": ("train process peak MB", lambda run: run["training"].get("process_peak_mb", run["training"].get("peak_memory_mb"))),
 }
@@ -44,6 +47,10 @@ SAMPLING = {
 # ------------------------------------------------------------------------------------------------
 
 
+def wall_clock(run: dict) -> dict:
+    return run["training"].get("wall_clock") or {}
+
+
 def per_seed(entry: dict, metrics: dict) -> dict[str, list[float]]:
     """metric -> its value for each seed (in seed order), for the metrics every seed has."""
     values = {name: [read(run) for run in entry["runs"].values()] for name, (_, read) in metrics.items()}
@@ -56,7 +63,7 @@ def summaries(entry: dict) -> dict[str, dict]:
 
 def comparisons(results: dict[str, dict], baseline: str) -> dict[str, dict[str, dict]]:
     """For each entry but the baseline: per quality metric, the per-seed differences (entry - baseline,
-    paired by seed order), their mean, the 95% paired bootstrap interval and the verdict."""
+    paired by seed order), their mean, the 95% paired bootstrap and Student-t intervals and the verdict."""
     base = per_seed(results[baseline], QUALITY)
     out = {}
     for name, entry in results.items():
@@ -65,12 +72,14 @@ def comparisons(results: dict[str, dict], baseline: str) -> dict[str, dict[str, 
         mine, out[name] = per_seed(entry, QUALITY), {}
         for metric in base.keys() & mine.keys():
             n = min(len(base[metric]), len(mine[metric]))
-            interval = paired_bootstrap_interval(mine[metric][:n], base[metric][:n])
+            pair = mine[metric][:n], base[metric][:n]
+            bootstrap, t = paired_bootstrap_interval(*pair), paired_t_interval(*pair)
             out[name][metric] = {
-                "differences": [a - b for a, b in zip(mine[metric][:n], base[metric][:n])],
-                "mean": statistics.fmean(mine[metric][:n]) - statistics.fmean(base[metric][:n]),
-                "interval_95": list(interval) if interval else None,
-                "verdict": verdict(interval, lower_is_better=True),
+                "differences": [a - b for a, b in zip(*pair)],
+                "mean": statistics.fmean(pair[0]) - statistics.fmean(pair[1]),
+                "interval_95": list(bootstrap) if bootstrap else None,
+                "t_interval_95": list(t) if t else None,
+                "verdict": verdict(bootstrap, t, lower_is_better=True),
             }
     return out
 
@@ -111,18 +120,20 @@ def markdown(settings, command: str, results: dict, versus: dict, differences: l
         lines.append(f"| {name} | {entry['token_mixer']} | {entry['params']:,} | {len(entry['runs'])} | " + " | ".join(cells) + " |")
 
     lines += ["", f"## Differences to {settings.baseline} (paired by seed, 95% bootstrap interval)", "",
-              "| model | metric | per-seed differences | mean | 95% interval | verdict |", "|---|---|---|---:|---|---|"]
+              "| model | metric | per-seed differences | mean | 95% bootstrap interval | 95% t interval | verdict |",
+              "|---|---|---|---:|---|---|---|"]
     verdicts = []
     for name, metrics in versus.items():
         for metric in quality:
             if metric not in metrics:
                 continue
             c = metrics[metric]
-            interval = f"[{c['interval_95'][0]:+.2f}, {c['interval_95'][1]:+.2f}]" if c["interval_95"] else "needs ≥ 2 seeds"
+            intervals = [f"[{i[0]:+.2f}, {i[1]:+.2f}]" if i else "needs ≥ 2 seeds" for i in (c["interval_95"], c["t_interval_95"])]
             diffs = ", ".join(f"{d:+.2f}" for d in c["differences"])
-            lines.append(f"| {name} | {QUALITY[metric][0]} | {diffs} | {c['mean']:+.2f} | {interval} | {c['verdict']} |")
+            lines.append(f"| {name} | {QUALITY[metric][0]} | {diffs} | {c['mean']:+.2f} | {' | '.join(intervals)} | {c['verdict']} |")
             verdicts.append(f"- {QUALITY[metric][0]}: {name} is {verdict_text(c['verdict'], settings.baseline)}")
-    lines += ["", "Verdicts:", "", *verdicts]
+    lines += ["", "A verdict needs both intervals to exclude 0: with few seeds the bootstrap interval alone is too "
+              "narrow (with 2 or 3 seeds it is the range of the differences).", "", "Verdicts:", "", *verdicts]
 
     steps = sorted({p["step"] for e in results.values() for run in e["runs"].values() for p in run["fid_by_step"]})
     lines += ["", "## Per seed", "",
@@ -160,7 +171,7 @@ def markdown(settings, command: str, results: dict, versus: dict, differences: l
 def verdict_text(word: str, baseline: str) -> str:
     if word == "not distinguishable":
         return f"not distinguishable from {baseline} at this budget"
-    return f"{word} than {baseline} (the interval excludes 0)"
+    return f"{word} than {baseline} (both intervals exclude 0)"
 
 
 def mean_std(summary: dict | None, digits: int = 2) -> str:

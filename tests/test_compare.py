@@ -1,6 +1,7 @@
 """`atdiff compare` on tiny configs: a complete report over two seeds, resumed without redoing
 finished stages; finished run folders as entries."""
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -9,13 +10,15 @@ import pytest
 
 from assets import needs_fid_assets
 from atdiff.cli import main
+from atdiff.eval import compare as compare_module
 
 pytestmark = needs_fid_assets
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 TINY = [
     "model.size=XS/4", "model.sample_size=16", "data.resolution=16", "training.batch_size=8",
-    "training.max_steps=4", "training.checkpoint_every=2", "training.log_with=none", "training.num_sample_images=2",
+    "training.max_steps=4", "training.checkpoint_every=2", "training.eval_every=2", "training.log_with=none",
+    "training.num_sample_images=2",
 ]
 SEEDS = ["--seeds", "0", "1"]
 SMALL = ["--num-images", "8", "--num-real", "16", "--step-images", "6", "--steps", "2", "--batch-size", "8"]
@@ -44,6 +47,8 @@ def test_report_is_complete(finished):
         for run in entry["runs"].values():
             assert run["fid"]["fid"] > 0 and run["fid"]["num_fake"] == 8 and run["fid"]["num_real"] == 16
             assert [p["step"] for p in run["fid_by_step"]] == [2, 4]
+            # FID over training comes from the runs' own evals (same sample count, reference and sampler)
+            assert run["fid_by_step"] == json.loads((Path(run["run_dir"]) / "training_stats.json").read_text())["evals"]
             assert run["training"]["images_per_s"] > 0 and entry["params"] > 0
         assert 0 < entry["sampling"]["model_memory_mb"] < entry["sampling"]["process_peak_mb"]
         assert entry["sampling"]["images_per_s"] > 0
@@ -72,7 +77,7 @@ def test_report_is_complete(finished):
 def test_resume_redoes_only_missing_stages(finished):
     out = finished  # as if interrupted before one stage of one entry and before the report
     kept = out / "fashion-mnist-dit-t4-attention" / "seed-0" / "fid.json"
-    dropped = out / "fashion-mnist-dit-t4-atconv" / "seed-0" / "fid-step-2.json"
+    dropped = out / "fashion-mnist-dit-t4-atconv" / "seed-1" / "fid.json"
     kept_text, dropped_text = kept.read_text(), dropped.read_text()
     kept_mtime = kept.stat().st_mtime_ns
     dropped.unlink()
@@ -84,11 +89,38 @@ def test_resume_redoes_only_missing_stages(finished):
     assert (out / "report.md").is_file()
 
 
+def test_sibling_run_folders_are_scored_apart(tmp_path, monkeypatch):
+    """FID over training of run-folder entries used to be cached next to the runs by file name, so the
+    second of two sibling runs reported the first's. Each is now scored into OUT/<entry>/seed-<s>/.
+    (Scoring stubbed: this checks where results go; the test below does it end to end.)"""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for name in ("a", "b"):
+        (runs / name / "checkpoint-2").mkdir(parents=True)
+        (runs / name / "model_index.json").write_text("{}")
+        shutil.copy(CONFIGS / "fashion-mnist-dit-t4-atconv.yaml", runs / name / "config.yaml")
+    before = sorted(runs.rglob("*"))
+    monkeypatch.setattr(compare_module, "pipeline_at_checkpoint", lambda checkpoint: checkpoint)
+    monkeypatch.setattr(compare_module, "use_scheduler", lambda pipe, scheduler: pipe)
+    monkeypatch.setattr(compare_module, "fid_of", lambda pipe, folder, *rest: {"fid": 1.0, "checkpoint": str(pipe), "samples": str(folder)})
+    parser = argparse.ArgumentParser()
+    compare_module.add_arguments(parser)
+    settings, _, entries = compare_module.settings_from_args(parser.parse_args([str(runs / "a"), str(runs / "b"), "--out", str(out)]))
+    for entry in entries:
+        (point,) = compare_module.fid_by_step(entry, entry.runs[0], settings, 8, "cpu")
+        assert point["checkpoint"] == str(runs / entry.name / "checkpoint-2")
+        assert point["samples"] == str(out / entry.name / "seed-0" / "samples-step-2")
+        assert json.loads((out / entry.name / "seed-0" / "fid-step-2.json").read_text()) == point
+    assert sorted(runs.rglob("*")) == before
+
+
+@pytest.mark.slow  # ~20-40 s on 2 busy cores: two more compares' worth of sampling, FID and speed probes
 def test_run_folder_entries_keep_their_results_under_out(finished, tmp_path):
     """Two finished sibling runs: each entry's FID over training is its own, stored under --out."""
     runs = tmp_path / "runs"
     for mixer in ("attention", "atconv"):
         shutil.copytree(finished / f"fashion-mnist-dit-t4-{mixer}" / "seed-0" / "run", runs / mixer)
+        stats_file = runs / mixer / "training_stats.json"  # as if trained without evals: checkpoints are sampled
+        stats_file.write_text(json.dumps({k: v for k, v in json.loads(stats_file.read_text()).items() if k != "evals"}))
     before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
     out = tmp_path / "out"
     assert main(["compare", str(runs / "attention"), str(runs / "atconv"), "--out", str(out), *SMALL, "--device", "cpu"]) == 0
@@ -96,10 +128,11 @@ def test_run_folder_entries_keep_their_results_under_out(finished, tmp_path):
     report = json.loads((out / "report.json").read_text())
     for mixer in ("attention", "atconv"):
         assert (out / mixer / "seed-0" / "fid-step-2.json").is_file()
-        # checkpoints sampled here with the same settings give the FIDs the trained comparison had
+        # checkpoints sampled here with the same settings give the FIDs the run's own evals gave
+        # (the same EMA weights and noise; batch sizes differ, so up to rounding)
         original = json.loads((finished / "report.json").read_text())["entries"][f"fashion-mnist-dit-t4-{mixer}"]
         ours = report["entries"][mixer]["runs"]["0"]["fid_by_step"]
-        assert [p["fid"] for p in ours] == pytest.approx([p["fid"] for p in original["runs"]["0"]["fid_by_step"]], rel=1e-5)
+        assert [p["fid"] for p in ours] == pytest.approx([p["fid"] for p in original["runs"]["0"]["fid_by_step"]], rel=1e-3)
     by_step = [[p["fid"] for p in report["entries"][m]["runs"]["0"]["fid_by_step"]] for m in ("attention", "atconv")]
     assert by_step[0] != by_step[1]
 
@@ -117,6 +150,12 @@ def test_needs_two_entries_with_the_same_data(tmp_path, capsys):
     assert main(["compare", one, cifar, "--out", str(tmp_path / "b")]) == 2
     assert "different data" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before any work
+    attention = str(CONFIGS / "fashion-mnist-dit-t4-attention.yaml")
+    assert main(["compare", one, attention, "--jobs", "0", "--out", str(tmp_path / "d")]) == 2
+    assert "--jobs must be at least 1" in capsys.readouterr().err
+    assert main(["compare", one, attention, "--baseline", "resnet", "--out", str(tmp_path / "d")]) == 2
+    assert "--baseline 'resnet' is not an entry; the entries are ['fashion-mnist-dit-t4-atconv', 'fashion-mnist-dit-t4-attention']" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     for name in ("model_index.json", "config.yaml"):

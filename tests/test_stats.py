@@ -4,7 +4,7 @@ closed form, and the verdict it allows."""
 import numpy as np
 import pytest
 
-from atdiff.eval.stats import paired_bootstrap_interval, summarize, verdict
+from atdiff.eval.stats import paired_bootstrap_interval, paired_t_interval, summarize, t_quantile_975, verdict
 
 
 def test_three_seeds_exact_bootstrap():
@@ -43,18 +43,39 @@ def test_one_seed_gives_no_interval_and_unpaired_lengths_are_refused():
 
 
 @pytest.mark.parametrize(
-    "interval, lower_is_better, expected",
+    "intervals, lower_is_better, expected",
     [
-        ((-3.0, -0.5), True, "better"),
-        ((0.5, 3.0), True, "worse"),
-        ((-3.0, 0.5), True, "not distinguishable"),
-        ((0.0, 2.0), True, "not distinguishable"),  # touching 0 is not excluding it
-        ((0.5, 3.0), False, "better"),  # e.g. a precision, where higher is better
-        (None, True, "not distinguishable"),  # one seed
+        ([(-3.0, -0.5)], True, "better"),
+        ([(0.5, 3.0)], True, "worse"),
+        ([(-3.0, 0.5)], True, "not distinguishable"),
+        ([(0.0, 2.0)], True, "not distinguishable"),  # touching 0 is not excluding it
+        ([(0.5, 3.0)], False, "better"),  # e.g. a precision, where higher is better
+        ([None], True, "not distinguishable"),  # one seed
+        ([(-3.0, -0.5), (-4.0, 1.0)], True, "not distinguishable"),  # every interval must exclude 0
+        ([(-3.0, -0.5), (-4.0, -0.1)], True, "better"),
     ],
 )
-def test_verdict(interval, lower_is_better, expected):
-    assert verdict(interval, lower_is_better) == expected
+def test_verdict(intervals, lower_is_better, expected):
+    assert verdict(*intervals, lower_is_better=lower_is_better) == expected
+
+
+def test_t_interval_guards_against_the_narrow_bootstrap_of_few_seeds():
+    # Three seeds that happen to agree in sign: the bootstrap interval is their range, [-3, -0.5],
+    # and would call it; the t interval (mean -1.5, sd 1.32, t_2 = 4.303) is -1.5 +- 3.28.
+    candidate, baseline = [7.0, 9.0, 9.5], [10.0, 10.0, 10.0]
+    bootstrap, t = paired_bootstrap_interval(candidate, baseline), paired_t_interval(candidate, baseline)
+    assert bootstrap == (-3.0, -0.5)
+    sd = np.std([-3.0, -1.0, -0.5], ddof=1)
+    assert t == pytest.approx((-1.5 - 4.303 * sd / np.sqrt(3), -1.5 + 4.303 * sd / np.sqrt(3)))
+    assert verdict(bootstrap, t) == "not distinguishable"
+    # a large, consistent difference is called even with three seeds
+    clear = [-20.0, -19.0, -21.0]
+    assert verdict(paired_bootstrap_interval(clear, [0.0] * 3), paired_t_interval(clear, [0.0] * 3)) == "better"
+
+
+def test_t_quantile_table_meets_the_expansion():
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    assert t_quantile_975(31) == pytest.approx(2.040, abs=1e-3) and t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)
 
 
 def test_summary_uses_the_sample_standard_deviation():

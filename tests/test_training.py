@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from assets import needs_fashion_mnist
+from assets import needs_fashion_mnist, needs_inception_weights
 from atdiff.cli import main
 from atdiff.config import config_from_dict
 from atdiff.errors import UsageError
@@ -132,10 +132,36 @@ def test_training_stats(straight):
     stats = json.loads((out / "training_stats.json").read_text())
     assert stats["steps"] == 6 and stats["images_seen"] == 48 and stats["num_processes"] == 1
     assert stats["params"] == sum(p.numel() for p in DiffusionPipeline.from_pretrained(out, trust_remote_code=True).model.parameters())
-    assert stats["images_per_s"] > 0 and stats["peak_memory_mb"] > 0
+    assert stats["images_per_s"] > 0 and "evals" not in stats
+    # the model's own memory (weights, AdamW and EMA state, a step's activations) is a few MB of this tiny
+    # DiT; the process's peak RSS holds the interpreter, torch and the dataset as well
+    resident = 4 * 4 * stats["params"]  # float32 weights, AdamW's two moments, the EMA copy
+    assert resident <= stats["model_resident_mb"] * 2**20 <= 1.01 * resident + 1024
+    assert stats["model_resident_mb"] < stats["model_memory_mb"] < 50 < stats["process_peak_mb"]
+    wall = stats["wall_clock"]  # over the whole run: sample grids (steps 2, 4) and checkpoints (3) included
+    assert wall["seconds"] > wall["sample_grids_s"] > 0 and wall["checkpoints_s"] > 0 and wall["evals_s"] == 0
+    assert wall["images_per_s"] == pytest.approx(stats["images_seen"] / wall["seconds"])
     split = stats["time_split_s"]
     assert set(split) == {"data", "forward", "backward", "optimizer", "other"} and split["forward"] > 0
     assert sum(split.values()) == pytest.approx(stats["step_time_s"], rel=0.5)
+
+
+@needs_inception_weights  # and Fashion-MNIST, like the whole module
+def test_eval_during_training_leaves_training_bit_identical(straight, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("ATDIFF_CACHE", str(tmp_path / "cache"))  # reference statistics: not the user's cache
+    out = tmp_path / "run"
+    train(tiny(out, log_with="tensorboard", eval_every=3, eval_num_images=4, eval_num_real=8))
+    assert_same_run(straight[0], out)
+    evals = json.loads((out / "training_stats.json").read_text())["evals"]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert all(e["fid"] > 0 and "kid_mean" in e and e["num_fake"] == 4 and e["num_real"] == 8 for e in evals)
+    assert evals[0]["sampling"]["num_inference_steps"] == 2  # the config's sampling section
+    assert sorted(p.name for p in (out / "evals").iterdir()) == ["step-3.json", "step-6.json"]  # samples deleted
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")))).Reload()
+    assert [e.step for e in events.Scalars("eval/fid")] == [3, 6]
+    assert [e.value for e in events.Scalars("eval/fid")] == pytest.approx([e["fid"] for e in evals])
 
 
 def test_refuses_to_overwrite_a_run(straight):

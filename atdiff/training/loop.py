@@ -5,7 +5,8 @@ refused, see ``refuse_sharded_training``). The loop knows nothing about the netw
 objective: ``train`` builds the parts and hands the ``Trainer`` a model, an objective
 (``objective.loss(model, x0, labels)``), a stream of batches and three narrow facts about the
 model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
-precision, EMA, sample grids, trackers and checkpoints.
+precision, EMA, sample grids, trackers and checkpoints. With ``training.eval_every`` it also hands
+its EMA pipeline to an evaluator (``atdiff.eval.training_eval``) for FID and KID.
 
 Crash safety: checkpoints (``atdiff.training.checkpoint``) are complete or absent, verified before
 they are loaded, and saved only when the weights and EMA are finite. Resuming restores model,
@@ -44,6 +45,7 @@ from ..data import batch_augmentation, batch_stream, load_training_data
 from ..errors import UsageError
 from ..files import write_atomic
 from ..latents import check_model_fits
+from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline, num_classes_of
 from .checkpoint import Progress, TrainingState, find_checkpoint, load_checkpoint, make_head, save_checkpoint
@@ -56,7 +58,8 @@ from .run_dir import (
     run_lock,
     save_pipeline,
 )
-from .timing import StepTimer, peak_memory
+from ..sampling import use_scheduler
+from .timing import RunClock, StepTimer
 
 
 class TrainingDiverged(RuntimeError):
@@ -207,12 +210,27 @@ def start_training(
         rank=accelerator.process_index,
         pin_memory=accelerator.device.type == "cuda",
     )
+    evaluator = None
+    if tcfg.eval_every and accelerator.is_main_process:
+        from ..eval.training_eval import TrainingEvaluator  # torch-fidelity: imported only when evaluating
+
+        evaluator = TrainingEvaluator(cfg, str(accelerator.device))
+    carried_clock = previous_wall_clock(output_dir, progress.step) if resume_from is not None else None
     accelerator.wait_for_everyone()  # every process has read its checkpoint before the folder changes
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, cfg)
         make_head(output_dir, progress.step)
         accelerator.init_trackers("atdiff", config=flat_config(cfg))
-    return Trainer(accelerator, model, objective, state, interface, cfg).fit(batches, progress)
+    trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=evaluator, carried_clock=carried_clock)
+    return trainer.fit(batches, progress)
+
+
+def previous_wall_clock(output_dir: Path, step: int) -> dict | None:
+    """The run's wall-clock totals up to ``step``, from ``training_stats.json`` (written with each
+    checkpoint) when it belongs to the checkpoint resumed from."""
+    stats_file = output_dir / "training_stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    return stats.get("wall_clock") if stats.get("steps") == step else None
 
 
 def model_interface(model: torch.nn.Module, dataset, objective, cfg: ExperimentConfig, vae: AutoencoderKL | None = None) -> ModelInterface:
@@ -273,9 +291,14 @@ class Trainer:
     model. Additions (evaluation during training, other data) should come in the same way.
     """
 
-    def __init__(self, accelerator: Accelerator, model, objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig):
+    def __init__(self, accelerator: Accelerator, model, objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig,
+                 evaluator=None, carried_clock: dict | None = None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.state, self.interface, self.cfg = state, interface, cfg
+        # evaluator(step, pipeline) -> metrics and evaluator.history(up_to) -> stored metrics; main process only
+        self.evaluator = evaluator
+        self.clock = RunClock(carried_clock)
+        self.model_memory: dict = {}
         self.tcfg = cfg.training
         self.output_dir = Path(self.tcfg.output_dir)
         self.timer = StepTimer(accelerator.device, self.tcfg.profile)
@@ -285,11 +308,14 @@ class Trainer:
         acc, tcfg = self.accelerator, self.tcfg
         start_step = progress.step
         result = TrainingResult(self.output_dir, start_step, interrupted=False)
+        self.clock.restart()
+        # The session's second step is measured for memory: by then the optimizer state exists.
+        measured_step = min(start_step + 2, tcfg.max_steps)
         bar = tqdm(total=tcfg.max_steps, initial=start_step, disable=not acc.is_local_main_process, desc="train", unit="step")
         logged_losses: list[float] = []
         with stop_request() as stop, bar:
             for step in range(start_step + 1, tcfg.max_steps + 1):
-                outcome = self.train_step(batches, stop)
+                outcome = self.measured_train_step(batches, stop) if step == measured_step else self.train_step(batches, stop)
                 self.timer.end_step()
                 progress.step, progress.images_seen = step, progress.images_seen + tcfg.batch_size
                 if outcome.applied:
@@ -308,6 +334,8 @@ class Trainer:
                     break
                 if tcfg.sample_every and step % tcfg.sample_every == 0 and step < tcfg.max_steps:
                     self.save_sample_grid(step)
+                if tcfg.eval_every and step % tcfg.eval_every == 0:
+                    self.evaluate(step)
                 if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
                     self.save_checkpoint(progress)
         if result.step > start_step and self.last_checkpoint != self.output_dir / f"checkpoint-{result.step}":
@@ -359,6 +387,16 @@ class Trainer:
                 state.ema.step(state.network.parameters())
         return StepOutcome(loss_value, grad_norm.item(), applied, stops > 0)
 
+    def measured_train_step(self, batches: Iterator, stop: StopRequest) -> StepOutcome:
+        """``train_step`` that records the model's peak memory: weights, optimizer state and EMA,
+        plus the peak of what the step allocates (activations, gradients)."""
+        state = self.state
+        optimizer_state = [v for values in state.optimizer.state.values() for v in values.values() if torch.is_tensor(v)]
+        resident = [*module_tensors(state.network), *optimizer_state, *state.ema.shadow_params]
+        outcome = []
+        self.model_memory = model_peak_memory(lambda: outcome.append(self.train_step(batches, stop)), self.accelerator.device, resident)
+        return outcome[0]
+
     def skip_step(self, progress: Progress, outcome: StepOutcome) -> None:
         """Count a step whose update was not made; past ``training.max_skipped_steps``, stop."""
         progress.skipped_steps += 1
@@ -396,7 +434,8 @@ class Trainer:
                 f"saving ({where}). Lower training.learning_rate or set training.max_grad_norm, then resume with --resume latest."
             )
         acc = self.accelerator
-        self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit)
+        with self.clock.spent_on("checkpoints"):
+            self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit)
         if acc.is_main_process:
             self.write_stats(progress)
         acc.wait_for_everyone()
@@ -417,20 +456,29 @@ class Trainer:
                 ema.restore(network.parameters())
                 network.train()
 
+    def evaluate(self, step: int) -> None:
+        """FID and KID of the EMA weights, to the tracker and (with the next checkpoint) training_stats.json."""
+        if self.accelerator.is_main_process:
+            with self.clock.spent_on("evals"), self.ema_weights() as model:
+                result = self.evaluator(step, self.interface.make_pipeline(model))
+            self.accelerator.log({"eval/fid": result["fid"], "eval/kid": result["kid_mean"]}, step=step)
+            tqdm.write(f"step {step}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({result['num_fake']} EMA samples)")
+        self.accelerator.wait_for_everyone()
+
     def save_sample_grid(self, step: int) -> None:
         """A grid of ``num_sample_images`` EMA samples (fixed seed and labels, so grids compare over time)."""
         if self.accelerator.is_main_process:
-            n, num_classes = self.tcfg.num_sample_images, self.interface.num_classes
-            with self.ema_weights() as model:
-                pipe = self.interface.make_pipeline(model)
+            n, num_classes, sampling = self.tcfg.num_sample_images, self.interface.num_classes, self.cfg.sampling
+            with self.clock.spent_on("sample_grids"), self.ema_weights() as model:
+                pipe = use_scheduler(self.interface.make_pipeline(model), sampling.scheduler)
                 pipe.set_progress_bar_config(disable=True)
                 images = pipe(
                     batch_size=n,
                     class_labels=torch.arange(n) % num_classes if num_classes else None,
-                    num_inference_steps=self.cfg.sampling.num_inference_steps,
-                    guidance_scale=self.cfg.sampling.guidance_scale,
-                    guidance_channels=self.cfg.sampling.guidance_channels,
-                    generator=torch.Generator().manual_seed(self.tcfg.seed),
+                    num_inference_steps=sampling.num_inference_steps,
+                    guidance_scale=sampling.guidance_scale,
+                    guidance_channels=sampling.guidance_channels,
+                    generator=torch.Generator().manual_seed(sampling.seed),
                 ).images
             rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
             path = self.output_dir / "samples" / f"step-{step:07d}.png"
@@ -458,8 +506,12 @@ class Trainer:
             "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.tcfg.mixed_precision,
             **self.timer.summary(self.tcfg.batch_size),
-            **peak_memory(self.accelerator.device),
+            "wall_clock": self.clock.summary(progress.images_seen),
+            **self.model_memory,
+            **process_peak_memory(self.accelerator.device),
         }
+        if self.evaluator is not None:
+            stats["evals"] = self.evaluator.history(up_to=progress.step)
         write_atomic(self.output_dir / "training_stats.json", json.dumps(stats, indent=2) + "\n")
 
 

@@ -1,8 +1,7 @@
-"""Measurements of a training session: step times (and their phases) and peak memory."""
+"""Measurements of a training session: step times (and their phases) and the run's wall clock."""
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from contextlib import contextmanager
@@ -62,15 +61,32 @@ class StepTimer:
                 "timed_steps": len(times)}
 
 
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory of this process: CUDA max allocated, or on the CPU the peak resident set."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_kind": "cuda_max_allocated"}
-    # Linux's VmHWM belongs to this process image alone; ru_maxrss carries over the parent's peak
-    # through fork and exec, so a child started by a large process would report the parent's size.
-    try:
-        with open("/proc/self/status") as status:
-            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_memory_mb": kib / 1024, "peak_memory_kind": "cpu_peak_rss"}
+class RunClock:
+    """Wall-clock time of the whole run and the part of it spent on side work (sample grids, evals,
+    checkpoints): the rate users wait for, next to the median step rate. A resumed session carries
+    on from the totals of the checkpoint it resumed from."""
+
+    SIDE_WORK = ("sample_grids", "evals", "checkpoints")
+
+    def __init__(self, carried: dict | None = None):
+        carried = carried or {}
+        self.carried_s = carried.get("seconds", 0.0)
+        self.side = {name: carried.get(f"{name}_s", 0.0) for name in self.SIDE_WORK}
+        self.restart()
+
+    def restart(self) -> None:
+        """Start this session's part (when the loop starts, not while the model is being built)."""
+        self.started = time.perf_counter()
+
+    @contextmanager
+    def spent_on(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.side[name] += time.perf_counter() - start
+
+    def summary(self, images_seen: int) -> dict:
+        seconds = self.carried_s + time.perf_counter() - self.started
+        return {"seconds": seconds, "images_per_s": images_seen / seconds if seconds > 0 else None,
+                **{f"{name}_s": value for name, value in self.side.items()}}
