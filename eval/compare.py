@@ -122,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-images", type=int, help="samples per model for the final FID (preset's by default)")
     parser.add_argument("--num-real", type=int, help="reference images from the dataset (preset's by default)")
     parser.add_argument("--step-images", type=int, help="samples per checkpoint for FID over training")
-    add_sampling_arguments(parser, defaults="the preset's (scheduler: each run's own; guidance 1, seed 0)")
+    add_sampling_arguments(parser, defaults="the preset's")
     parser.add_argument("--batch-size", type=int, help="images per sampling call (does not change the images)")
     parser.add_argument("--kid", action="store_true", help="also compute KID")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device for sampling and FID")
