@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from atdiff.config import config_from_dict
 from atdiff.errors import UsageError
 from atdiff.objectives import FlowMatchingObjective
 from atdiff.pipelines import ImageDiffusionPipeline
-from atdiff.training import TrainingDiverged, checkpoint, list_checkpoints, run_dir, train
+from atdiff.training import TrainingDiverged, checkpoint, list_checkpoints, loop, run_dir, train
 from atdiff.training.checkpoint import ABANDONED, CheckpointError, verify
 from atdiff.training.loop import Trainer
 from atdiff.training.run_dir import LOCK_NAME, run_lock
@@ -252,6 +253,30 @@ def test_a_second_process_is_refused_with_the_holders_pid(tmp_path, capsys):
         holder.wait()
     with run_lock(out):
         assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def folder_contents(folder: Path) -> list:
+    """Every entry under ``folder`` with its bytes (the lock file's PID aside)."""
+    return sorted((p.relative_to(folder), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*") if p.name != LOCK_NAME)
+
+
+def test_a_run_that_fills_the_folder_before_the_lock_is_taken_is_left_alone(straight, tmp_path, capsys, monkeypatch):
+    """Two `atdiff train` started on one new folder: the second checks it while it is still empty,
+    the first finishes, then the second gets the lock. It must refuse, not train over the first run."""
+    out, lock = tmp_path / "run", run_dir.run_lock
+
+    @contextmanager
+    def first_run_finishes_meanwhile(folder: Path):
+        shutil.copytree(straight[0], folder, dirs_exist_ok=True)
+        before.extend(folder_contents(folder))
+        with lock(folder):
+            yield
+
+    before = []
+    monkeypatch.setattr(loop, "run_lock", first_run_finishes_meanwhile)
+    assert main(["train", "--config", str(write_config(tiny(out), tmp_path / "run.yaml"))]) == 2
+    assert "already holds a run" in one_line_error(capsys)
+    assert folder_contents(out) == before
 
 
 @pytest.mark.parametrize("resume", [None, "latest"])

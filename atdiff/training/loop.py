@@ -104,6 +104,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     accelerator = make_accelerator(cfg, output_dir)
     with run_lock(output_dir) if accelerator.is_main_process else nullcontext():
         accelerator.wait_for_everyone()  # the other processes start once the main one holds the folder
+        # Again under the lock: another run may have filled the folder since the check above (made
+        # first so that a folder that is not a run never gets a lock file).
+        check_output_dir(output_dir, resume)
         try:
             return start_training(accelerator, cfg, output_dir, resume, *data)
         except OSError as err:
