@@ -98,6 +98,36 @@ def test_resume_latest_falls_back_past_a_corrupt_checkpoint(straight, tmp_path, 
     assert_same_run(straight[0], out)
 
 
+@pytest.mark.parametrize("name", ["rng-1.safetensors", "custom_checkpoint_0.pkl", "scaler.safetensors"])
+def test_a_file_the_manifest_does_not_list_fails_verification(straight, tmp_path, name):
+    """A file added after the manifest was written is unverified: a loader that read it (another
+    process's RNG, an fp16 scaler) would take in anything, so the checkpoint is refused."""
+    folder = shutil.copytree(straight[0] / "checkpoint-6", tmp_path / "checkpoint-6")
+    shutil.copy(folder / "rng-0.safetensors", folder / name)
+    with pytest.raises(CheckpointError, match=f"{name} is not listed in manifest.json"):
+        verify(folder)
+
+
+LYING_PROGRESS = {
+    "another step": {"step": 3, "images_seen": 48, "skipped_steps": 0},
+    "negative images": {"step": 6, "images_seen": -48, "skipped_steps": 0},
+    "text for a count": {"step": "6", "images_seen": 48, "skipped_steps": 0},
+    "unknown key": {"step": 6, "images_seen": 48, "skipped_steps": 0, "epoch": 1},
+    "not an object": [6, 48, 0],
+}
+
+
+@pytest.mark.parametrize("lie", list(LYING_PROGRESS))
+def test_a_manifest_that_vouches_for_a_bad_progress_record_fails_verification(straight, tmp_path, lie):
+    """The manifest matches its files (rewritten after the edit), but progress.json does not describe
+    this checkpoint: resuming it would crash mid-run, start at another step or read data from -48."""
+    folder = shutil.copytree(straight[0] / "checkpoint-6", tmp_path / "checkpoint-6")
+    (folder / "progress.json").write_text(json.dumps(LYING_PROGRESS[lie]))
+    checkpoint.write_manifest(folder, 6)
+    with pytest.raises(CheckpointError, match="progress.json"):
+        verify(folder)
+
+
 KILLED_WRITING_THE_MANIFEST = """
 import os, signal, sys
 from pathlib import Path

@@ -154,6 +154,24 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"{name} has {file.stat().st_size} bytes, {MANIFEST} says {expected.get('size')} (truncated?)")
         if sha256_of(file) != expected.get("sha256"):
             raise CheckpointError(f"{name} does not match its sha256 in {MANIFEST} (corrupted or modified)")
+    # Loaders look for optional files (another process's RNG, the fp16 scaler) by name: one added
+    # later would be read unverified.
+    if unlisted := sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST):
+        raise CheckpointError(f"{unlisted[0]} is not listed in {MANIFEST} (added after the checkpoint was written)")
+    read_progress(path)
+
+
+def read_progress(checkpoint: Path) -> Progress:
+    """``progress.json``: non-negative counts, at the checkpoint's own step (its manifest vouches only for its bytes)."""
+    try:
+        recorded = json.loads((checkpoint / PROGRESS).read_text())
+        progress = Progress(**recorded)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(f"{PROGRESS} is not a progress record ({err})") from None
+    counts = asdict(progress).values()
+    if progress.step != checkpoint_step(checkpoint) or not all(type(n) is int and n >= 0 for n in counts):
+        raise CheckpointError(f"{PROGRESS} holds {recorded}, not non-negative counts at step {checkpoint_step(checkpoint)}")
+    return progress
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,10 +257,10 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
         state.lr_scheduler.load_state_dict(load_tree(checkpoint / "scheduler.safetensors"))
         if state.scaler is not None and (checkpoint / "scaler.safetensors").is_file():
             state.scaler.load_state_dict(load_tree(checkpoint / "scaler.safetensors"))
-        progress = Progress(**json.loads((checkpoint / PROGRESS).read_text()))
     except (RuntimeError, ValueError, KeyError, TypeError) as err:  # verified, so a model or optimizer that differs
         first_line = str(err).strip().splitlines()[0]
         raise UsageError(f"--resume {checkpoint}: does not fit this model and optimizer ({first_line})") from None
+    progress = read_progress(checkpoint)
     rng_file = checkpoint / f"rng-{accelerator.process_index}.safetensors"
     if rng_file.is_file():
         set_rng_states(load_tree(rng_file))
