@@ -188,6 +188,20 @@ def test_resuming_an_older_checkpoint_makes_it_the_head(straight, tmp_path, caps
     assert result.step == 5 and "checkpoint-4 (step 4)" in capsys.readouterr().out
 
 
+def test_an_abandoned_checkpoint_is_checked_against_its_runs_config(straight, tmp_path):
+    """An abandoned checkpoint is resumable by path, with the same model, objective and data only, and
+    its EMA weights load as a pipeline: both read the run's config.yaml, three folders up."""
+    out = copy_run(straight[0], tmp_path)
+    train(tiny(out, max_steps=4), resume=str(out / "checkpoint-3"))
+    abandoned = next((out / ABANDONED).glob("atdiff-*/checkpoint-6"))
+    other = copy.deepcopy(TINY)
+    other["objective"]["type"] = "ddpm"
+    other["training"]["output_dir"] = str(tmp_path / "fork")
+    with pytest.raises(UsageError, match=r"other values of \['objective.type'\]"):
+        train(config_from_dict(other), resume=str(abandoned))
+    assert checkpoint.pipeline_at_checkpoint(abandoned).num_classes == 10
+
+
 # ------------------------------------------------------------------------------------------------
 # Finite means good
 # ------------------------------------------------------------------------------------------------

@@ -283,6 +283,12 @@ def make_head(output_dir: Path, step: int) -> None:
             print(f"resuming from step {step}: moved the later {path.name} to {moved}", file=sys.stderr, flush=True)
 
 
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder (with its ``config.yaml``) a checkpoint belongs to, also once moved aside."""
+    moved = checkpoint.parent.parent.name == ABANDONED
+    return checkpoint.parent.parent.parent if moved else checkpoint.parent
+
+
 def move_aside(path: Path) -> Path:
     """Move a checkpoint to ``output_dir/abandoned/atdiff-<UTC time>/``, keeping its name, so that it
     can still be resumed with ``--resume PATH``."""
@@ -306,7 +312,7 @@ def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
         verify(checkpoint)
     except CheckpointError as err:
         raise UsageError(f"{checkpoint}: {err}") from None
-    cfg = load_config(checkpoint.parent / "config.yaml")
+    cfg = load_config(run_folder_of(checkpoint) / "config.yaml")
     model = new_model(cfg.model)  # every parameter comes from the EMA: no model.init_from weights to copy
     ema = EMAModel(model.parameters())
     ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))

@@ -22,7 +22,7 @@ from ..config import ExperimentConfig
 from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, temp_path, write_atomic
 from ..pipelines import ImageDiffusionPipeline
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, run_folder_of
 
 LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
 PIPELINE_INDEX = "model_index.json"
@@ -56,7 +56,7 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
 
 def check_same_setup(resume_from: Path, cfg: ExperimentConfig) -> None:
     """Refuse to resume with a model, objective or data that differ from the checkpoint's."""
-    saved_config = resume_from.parent / "config.yaml"
+    saved_config = run_folder_of(resume_from) / "config.yaml"
     if saved_config.is_file():
         saved, current = yaml.safe_load(saved_config.read_text()), cfg.to_dict()
         changed = [
