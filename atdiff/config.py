@@ -25,7 +25,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.optimization import SchedulerType
 
 from .data import DataConfig
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .objectives import ObjectiveConfig, build_objective
 from .pipelines import scheduler_by_name
 from .pipelines.schedulers import prediction_type_of
@@ -174,7 +174,9 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML: {err}") from err
+        raise UsageError(f"{path} is not valid YAML: {one_line(str(err))}") from err
+    except UnicodeDecodeError:
+        raise UsageError(f"--config {path} is not a UTF-8 text file; pass a YAML config (the configs/ folder holds examples)") from None
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
     for override in overrides:
@@ -196,7 +198,10 @@ def apply_override(raw: dict, override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UsageError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise UsageError(f"override {override!r}: the value is not YAML ({one_line(str(err))}); quote it or fix its brackets") from None
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

@@ -96,6 +96,26 @@ def test_malformed_overrides(tmp_path, override):
         load_config(write(tmp_path, MINIMAL), [override])
 
 
+@pytest.mark.parametrize(
+    "source, needle",
+    [
+        (["training.max_steps=[1"], "override 'training.max_steps=[1': the value is not YAML"),
+        ("model: [1\n", "is not valid YAML"),
+        (b"\xff\xfe\x00binary", "is not a UTF-8 text file"),
+    ],
+)
+def test_unparsable_config_or_override_is_one_line(tmp_path, capsys, source, needle):
+    config = tmp_path / "run.yaml"
+    overrides = source if isinstance(source, list) else []
+    if isinstance(source, bytes):
+        config.write_bytes(source)
+    else:
+        config.write_text(yaml.safe_dump(MINIMAL) if overrides else source)
+    assert main(["train", "--config", str(config), "--output-dir", str(tmp_path / "out"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atdiff train: error: ") and needle in err and len(err.splitlines()) == 1, err
+
+
 def test_cli_reports_bad_keys_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["train", "--config", str(write(tmp_path, MINIMAL)), "--output-dir", str(out), "training.warmup=3"])
