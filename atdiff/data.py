@@ -9,6 +9,8 @@ checkpoints and a resumed run sees the same flips as one that never stopped.
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,8 +156,10 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 def fashion_mnist(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     root = Path(cfg.root or FASHION_MNIST_DIR).expanduser()
     prefix = "train" if cfg.split == "train" else "t10k"
-    images = read_idx(find_idx(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+    images_file, labels_file = find_idx(root, f"{prefix}-images-idx3-ubyte"), find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if len(labels) != len(images):
+        raise UsageError(f"{labels_file} has {len(labels)} labels for the {len(images)} images of {images_file}; use the files of one split")
     return images.unsqueeze(1), labels, FASHION_MNIST_CLASSES
 
 
@@ -173,13 +177,19 @@ def find_idx(root: Path, name: str) -> Path:
 def read_idx(path: Path) -> torch.Tensor:
     """A uint8 IDX file (the MNIST format), gzipped or not. Our own reader because torchvision's
     (``read_sn3_pascalvincent_tensor``) only opens uncompressed files, and Debian ships them gzipped."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
-        data = file.read()
-    dtype_code, ndim = data[2], data[3]
-    if data[:2] != b"\x00\x00" or dtype_code != 0x08:
-        raise UsageError(f"{path} is not a uint8 IDX file")
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(shape)
+    fix = "replace it with the original file"
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as file:
+            data = file.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # a truncated or damaged download
+        raise UsageError(f"{path} is not a readable gzip file ({err}); {fix}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":  # two zero bytes, then 8: unsigned bytes
+        raise UsageError(f"{path} is not a uint8 IDX file; {fix}")
+    offset = 4 + 4 * data[3]
+    shape = [int.from_bytes(data[i : i + 4], "big") for i in range(4, offset, 4)]
+    if len(data) < offset or len(data) - offset != math.prod(shape):
+        raise UsageError(f"{path} is not a complete IDX file (its header promises {shape} bytes); {fix}")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=offset).view(shape)
 
 
 def mnist(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

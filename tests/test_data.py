@@ -67,6 +67,42 @@ def test_any_folder_with_uncompressed_idx_files(tmp_path):
     assert dataset[5][0].shape == (1, 28, 28)
 
 
+def write_idx(path: Path, array: torch.Tensor) -> bytes:
+    """``array`` (uint8) as an IDX file at ``path``, gzipped for a .gz name; returns the raw bytes."""
+    data = bytes([0, 0, 8, array.dim()]) + b"".join(n.to_bytes(4, "big") for n in array.shape) + array.numpy().tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return data
+
+
+IDX_DAMAGE = {
+    "truncated gzip": ("train-images-idx3-ubyte.gz", lambda raw: gzip.compress(raw)[:60]),
+    "gzip that is not": ("train-images-idx3-ubyte.gz", lambda raw: b"\x1f\x8b" + b"\x00" * 40),
+    "truncated pixels": ("train-images-idx3-ubyte", lambda raw: raw[:-5]),
+    "two bytes": ("train-images-idx3-ubyte", lambda raw: raw[:2]),
+    "header only": ("train-images-idx3-ubyte", lambda raw: raw[:9]),
+}
+
+
+@pytest.mark.parametrize("damage", list(IDX_DAMAGE))
+def test_a_damaged_idx_file_is_named(tmp_path, damage):
+    name, damaged = IDX_DAMAGE[damage]
+    raw = write_idx(tmp_path / "train-images-idx3-ubyte", torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8))
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    (tmp_path / name).write_bytes(damaged(raw))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", torch.tensor([0, 1, 2], dtype=torch.uint8))
+    with pytest.raises(UsageError, match=f"{tmp_path / name} is not"):
+        load_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)))
+
+
+def test_labels_that_do_not_match_the_images_are_named(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", torch.zeros(3, 28, 28, dtype=torch.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", torch.tensor([0, 1], dtype=torch.uint8))
+    with pytest.raises(UsageError, match="train-labels-idx1-ubyte.gz has 2 labels for the 3 images"):
+        load_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", torch.tensor([0, 1, 2], dtype=torch.uint8))
+    assert len(load_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)))) == 3
+
+
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
         load_dataset(DataConfig(dataset="fashion-mnist", root=str(tmp_path)))
