@@ -158,6 +158,12 @@ def check_device(name: str) -> None:
         raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "meta":
+        raise UsageError("--device meta holds no values, so nothing can be computed on it; use cpu or cuda")
+    try:  # a backend this torch was not built with, or a GPU index that does not exist
+        torch.empty(0, device=device)
+    except Exception as err:  # torch says so with RuntimeError, NotImplementedError, AssertionError, ...
+        raise UsageError(f"--device {name} cannot hold tensors in this torch ({type(err).__name__}); use cpu, cuda or cuda:N") from None
 
 
 def check_same_settings(path: Path, previous: dict, current: dict) -> None:

@@ -52,6 +52,7 @@ from atdiff.sampling import (
     SETTINGS_FILE,
     SampleRecord,
     add_sampling_arguments,
+    check_device,
     image_path,
     sample_into_folder,
     sampling_for,
@@ -498,13 +499,8 @@ class _Extraction:
 def _wants_cuda(device: str | None) -> bool:
     if device is None:
         return torch.cuda.is_available()
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
-    return kind == "cuda"
+    check_device(device)
+    return torch.device(device).type == "cuda"
 
 
 def _cache_name(images: ImageSet, weights: InceptionWeights) -> str | None:

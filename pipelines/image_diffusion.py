@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 
@@ -141,6 +142,8 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"class label {bad[0].item()} is out of range: this model has classes 0..{self.num_classes - 1}")
 
     def check_guidance(self, guidance_scale: float) -> None:
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale} is not a finite number (1 turns guidance off)")
         if guidance_scale == 1.0:
             return
         if not self.num_classes:

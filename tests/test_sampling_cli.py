@@ -339,6 +339,24 @@ def test_more_steps_than_the_scheduler_takes(ddpm_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("device", ["meta", "xla", "xpu"])
+def test_a_device_that_cannot_compute_is_one_line(ddpm_dir, tmp_path, capsys, device):
+    """torch names these devices, but this build cannot sample on them (meta holds no values)."""
+    assert sample(ddpm_dir, tmp_path / "x", "--num-images", "1", "--device", device) == 2
+    err = error_of(capsys)
+    assert err.startswith(f"atdiff sample: error: --device {device}") and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("guidance", ["nan", "inf"])
+def test_a_guidance_that_is_not_finite_is_refused(trained_dir, tmp_path, capsys, guidance):
+    """NaN or infinite guidance would write black images and exit 0."""
+    assert sample(trained_dir, tmp_path / "x", "--num-images", "1", "--guidance", guidance) == 2
+    last_line = error_of(capsys).splitlines()[-1]  # after the pipeline-loading bar
+    assert last_line == f"atdiff sample: error: guidance_scale={float(guidance)} is not a finite number (1 turns guidance off)"
+    assert not list((tmp_path / "x").glob("*.png"))
+
+
 def test_bad_counts_and_device(ddpm_dir, tmp_path, capsys):
     assert sample(ddpm_dir, tmp_path / "x", "--num-images", "0") == 2
     assert "--num-images must be at least 1" in error_of(capsys)
