@@ -174,6 +174,22 @@ def test_resume_from_a_path_that_fails_verification_is_one_line(straight, tmp_pa
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
 
 
+def test_a_resume_path_that_is_no_checkpoint_is_refused_before_the_folder_exists(tmp_path, capsys):
+    out = tmp_path / "new"
+    config = write_config(tiny(out), tmp_path / "run.yaml")
+    assert main(["train", "--config", str(config), "--resume", str(tmp_path / "nowhere" / "checkpoint-3")]) == 2
+    assert "is not a checkpoint-<step> folder" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_a_checkpoint_named_relative_to_the_run_says_its_path(straight, tmp_path, capsys, monkeypatch):
+    out = copy_run(straight[0], tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tiny(out), tmp_path / "run.yaml")
+    assert main(["train", "--config", str(config), "--resume", "checkpoint-3"]) == 2
+    assert f"pass --resume {out / 'checkpoint-3'}" in one_line_error(capsys)
+
+
 def test_resuming_an_older_checkpoint_makes_it_the_head(straight, tmp_path, capsys):
     """Resume from step 3 of a run that reached 6 and stop at 4: `latest` is then 4, not the
     abandoned 6 (moved to abandoned/, not deleted)."""

@@ -117,14 +117,22 @@ def find_checkpoint(output_dir: Path, resume: str | None, verbose: bool = True) 
             f"--resume latest: no checkpoint in {output_dir} passes verification (see above); "
             f"resume from a copy with --resume PATH, or start a new run in another --output-dir"
         )
-    path = Path(resume)
-    if not (path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name)):
-        raise UsageError(f"--resume: {resume!r} is not a checkpoint-<step> folder; pass one, or 'latest'")
+    path = checkpoint_folder(resume, output_dir)
     try:
         verify(path)
     except CheckpointError as err:
         raise UsageError(f"--resume {resume}: {err}; pass another checkpoint, or 'latest'") from None
     return path
+
+
+def checkpoint_folder(resume: str, output_dir: Path) -> Path:
+    """The folder ``--resume PATH`` names (not yet verified); refused unless it is a ``checkpoint-<step>`` folder."""
+    path = Path(resume)
+    if path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name):
+        return path
+    in_run = output_dir / resume
+    fix = f"pass --resume {in_run}" if not path.is_absolute() and CHECKPOINT_NAME.fullmatch(in_run.name) and in_run.is_dir() else "pass one"
+    raise UsageError(f"--resume: {resume!r} is not a checkpoint-<step> folder; {fix}, or 'latest'")
 
 
 def verify(path: Path) -> None:

@@ -48,7 +48,7 @@ from ..latents import check_model_fits
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline, num_classes_of
-from .checkpoint import Progress, TrainingState, find_checkpoint, load_checkpoint, make_head, save_checkpoint
+from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .run_dir import (
     check_output_dir,
     check_same_setup,
@@ -99,6 +99,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         raise UsageError("training.output_dir is not set; pass --output-dir DIR")
     output_dir = Path(cfg.training.output_dir)
     check_output_dir(output_dir, resume)
+    if resume not in (None, "latest"):
+        checkpoint_folder(resume, output_dir)  # a mistyped path is refused before the folder is created
     refuse_sharded_training()
     data = load_training_data(cfg.data)  # before any work: a latent config may lack its store
     accelerator = make_accelerator(cfg, output_dir)
