@@ -353,6 +353,19 @@ def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path, capsys, resume):
     assert sorted((p.relative_to(out), p.read_bytes() if p.is_file() else None) for p in out.rglob("*")) == before
 
 
+def test_pruning_leaves_a_linked_checkpoint_alone(straight, tmp_path):
+    """A checkpoint folder linked into the run (say, to resume from a copy kept elsewhere) is not
+    atdiff's to delete: pruning counts and removes only the checkpoints it wrote."""
+    out = copy_run(straight[0], tmp_path)
+    kept = shutil.move(out / "checkpoint-3", tmp_path / "kept-checkpoint-3")
+    (out / "checkpoint-3").symlink_to(kept)
+    before = sorted(p.name for p in Path(kept).iterdir())
+    result = train(tiny(out, max_steps=9), resume="latest")
+    assert result.step == 9 and (out / "model_index.json").is_file()
+    assert [step for step, _ in list_checkpoints(out)] == [3, 6, 9] and (out / "checkpoint-3").is_symlink()
+    assert sorted(p.name for p in Path(kept).iterdir()) == before
+
+
 def test_the_final_pipeline_is_replaced_whole(straight, tmp_path, monkeypatch):
     """Replacing a finished run's pipeline: whenever the folder has a model_index.json, it and every
     component are the new ones (never the old index with a new model, or a missing component)."""

@@ -214,7 +214,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
         if final.exists():  # left by another line of this run; never silently replaced
             move_aside(final)
         os.replace(partial, final)
-        for _, old in list_checkpoints(output_dir)[:-keep] if keep else []:
+        # A linked checkpoint folder is someone else's: atdiff counts and deletes only those it wrote.
+        written = [path for _, path in list_checkpoints(output_dir) if not path.is_symlink()]
+        for old in written[:-keep] if keep else []:
             shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
