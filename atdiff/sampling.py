@@ -114,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_pipeline_dir(path: Path) -> None:
     index = path / "model_index.json"
     if not index.is_file():
+        from .training.run_dir import LOCK_NAME  # here only: the training package imports Accelerate
+
+        if (path / LOCK_NAME).is_file():
+            raise UsageError(
+                f"{path} is an `atdiff train` run without its final pipeline (written when training ends); wait for "
+                f"it, or finish it with `atdiff train --config {path / 'config.yaml'} --output-dir {path} --resume latest`"
+            )
         raise UsageError(f"{path} is not a pipeline folder (no model_index.json); pass the --output-dir of `atdiff train`")
     class_name = read_model_index(path).get("_class_name")
     class_name = class_name[-1] if isinstance(class_name, list) else class_name

@@ -223,6 +223,16 @@ def test_guidance_or_labels_on_unconditional_model(flow_dir, tmp_path, capsys):
     assert "unconditional: pass no class_labels" in error_of(capsys)
 
 
+def test_a_run_still_training_says_when_its_pipeline_comes(trained_dir, tmp_path, capsys):
+    """A run folder has its pipeline only once training ends (or was stopped while replacing it)."""
+    run = shutil.copytree(trained_dir, tmp_path / "run")
+    (run / "model_index.json").unlink()
+    assert sample(run, tmp_path / "x", "--num-images", "1") == 2
+    err = error_of(capsys)
+    assert f"{run} is an `atdiff train` run without its final pipeline" in err and len(err.splitlines()) == 1
+    assert f"atdiff train --config {run / 'config.yaml'} --output-dir {run} --resume latest" in err
+
+
 def test_not_a_pipeline_folder(tmp_path, capsys):
     assert sample(tmp_path, tmp_path / "x", "--num-images", "1") == 2
     assert "is not a pipeline folder (no model_index.json)" in error_of(capsys)
