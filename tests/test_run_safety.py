@@ -366,6 +366,21 @@ def test_pruning_leaves_a_linked_checkpoint_alone(straight, tmp_path):
     assert sorted(p.name for p in Path(kept).iterdir()) == before
 
 
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_lock_file_linked_to_a_users_file_is_not_written_through(straight, tmp_path, capsys, link):
+    """A run folder from elsewhere whose lock file links to one of the user's files: taking the lock
+    rewrites the file with the PID, so it is refused instead."""
+    out = copy_run(straight[0], tmp_path)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's own")
+    (out / LOCK_NAME).unlink()
+    (out / LOCK_NAME).symlink_to(precious) if link == "symlink" else os.link(precious, out / LOCK_NAME)
+    config = write_config(tiny(out), tmp_path / "run.yaml")
+    assert main(["train", "--config", str(config), "--resume", "latest"]) == 2
+    assert f"{out / LOCK_NAME} is " in one_line_error(capsys)
+    assert precious.read_text() == "the user's own"
+
+
 def test_the_final_pipeline_is_replaced_whole(straight, tmp_path, monkeypatch):
     """Replacing a finished run's pipeline: whenever the folder has a model_index.json, it and every
     component are the new ones (never the old index with a new model, or a missing component)."""

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,12 +74,20 @@ def check_same_setup(resume_from: Path, cfg: ExperimentConfig) -> None:
 def run_lock(output_dir: Path) -> Iterator[None]:
     """Hold the run folder for one process: an exclusive ``flock`` on its lock file, which the OS
     releases when the process ends however it ends, so a crash never leaves a stale lock."""
+    lock = output_dir / LOCK_NAME
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        # The lock file is rewritten with our PID: never through a link (a folder from elsewhere could
+        # point it at any of the user's files).
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(f"{lock} is a symbolic link, not atdiff's lock file; remove it or pass another --output-dir") from None
         raise output_dir_error(output_dir, err) from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise UsageError(f"{lock} is not a plain file of its own (a hard link or a device); remove it or pass another --output-dir")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
