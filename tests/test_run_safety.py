@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -216,6 +217,21 @@ def test_an_abandoned_checkpoint_is_checked_against_its_runs_config(straight, tm
     with pytest.raises(UsageError, match=r"other values of \['objective.type'\]"):
         train(config_from_dict(other), resume=str(abandoned))
     assert checkpoint.pipeline_at_checkpoint(abandoned).num_classes == 10
+
+
+def test_a_run_saved_before_a_key_existed_resumes(straight, tmp_path):
+    """Keys added to atdiff since a run was saved compare at their defaults: a run of an older atdiff
+    (here: before objective.distill_weight) still resumes, and a real change is still refused."""
+    out = copy_run(straight[0], tmp_path)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["objective"]["distill_weight"], saved["objective"]["distill_from"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    other = copy.deepcopy(TINY)
+    other["objective"]["distill_weight"] = 0.5
+    other["training"].update(output_dir=str(out), max_steps=7)
+    with pytest.raises(UsageError, match=r"other values of \['objective.distill_weight'\]"):
+        train(config_from_dict(other), resume="latest")
+    assert train(tiny(out, max_steps=7), resume="latest").step == 7
 
 
 # ------------------------------------------------------------------------------------------------

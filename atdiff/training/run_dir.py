@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, config_from_dict
 from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, temp_path, write_atomic
 from ..pipelines import ImageDiffusionPipeline
@@ -58,16 +58,32 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
 def check_same_setup(resume_from: Path, cfg: ExperimentConfig) -> None:
     """Refuse to resume with a model, objective or data that differ from the checkpoint's."""
     saved_config = run_folder_of(resume_from) / "config.yaml"
-    if saved_config.is_file():
-        saved, current = yaml.safe_load(saved_config.read_text()), cfg.to_dict()
-        changed = [
-            f"{section}.{key}"
-            for section in ("model", "objective", "data")
-            for key in sorted(set(saved.get(section, {})) | set(current[section]))
-            if saved.get(section, {}).get(key) != current[section].get(key)
-        ]
-        if changed:
-            raise UsageError(f"{resume_from} was trained with other values of {changed} (see {saved_config}); use the same config to resume")
+    if not saved_config.is_file():
+        return
+    saved, current = read_saved_config(saved_config, resume_from), cfg.to_dict()
+    changed = [
+        f"{section}.{key}"
+        for section in ("model", "objective", "data")
+        for key in sorted(set(saved.get(section, {})) | set(current[section]))
+        if saved.get(section, {}).get(key) != current[section].get(key)
+    ]
+    if changed:
+        raise UsageError(f"{resume_from} was trained with other values of {changed} (see {saved_config}); use the same config to resume")
+
+
+def read_saved_config(saved_config: Path, resume_from: Path) -> dict:
+    """A run's ``config.yaml`` as a dict, read through today's dataclasses where it still fits them, so
+    that keys added to atdiff since the run was saved compare at their defaults."""
+    try:
+        saved = yaml.safe_load(saved_config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{saved_config} is not the config atdiff train wrote for this run; restore it to resume {resume_from}")
+    try:
+        return config_from_dict(saved).to_dict()
+    except UsageError:  # a key renamed or removed since: compare the values as written
+        return saved
 
 
 @contextmanager
