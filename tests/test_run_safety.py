@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -395,6 +396,17 @@ def test_a_lock_file_linked_to_a_users_file_is_not_written_through(straight, tmp
     assert main(["train", "--config", str(config), "--resume", "latest"]) == 2
     assert f"{out / LOCK_NAME} is " in one_line_error(capsys)
     assert precious.read_text() == "the user's own"
+
+
+def test_a_sample_grid_name_linked_to_a_users_file_is_replaced_not_written_through(straight, tmp_path):
+    out = copy_run(straight[0], tmp_path)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's own")
+    (out / "samples" / "step-0000007.png").symlink_to(precious)
+    train(tiny(out, max_steps=7), resume="latest")
+    assert precious.read_text() == "the user's own"
+    grid = out / "samples" / "step-0000007.png"
+    assert not grid.is_symlink() and Image.open(grid).size == (2 * 32, 2 * 32)  # 4 images, 2 x 2
 
 
 def test_the_final_pipeline_is_replaced_whole(straight, tmp_path, monkeypatch):

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ..config import ExperimentConfig, build_model, flat_config
 from ..data import batch_augmentation, batch_stream, load_training_data
 from ..errors import UsageError
-from ..files import write_atomic
+from ..files import atomic_path, write_atomic
 from ..latents import check_model_fits
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import build_objective
@@ -488,7 +488,8 @@ class Trainer:
             rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
             path = self.output_dir / "samples" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            make_image_grid(images, rows, n // rows).save(path)
+            with atomic_path(path) as partial:  # replaces whatever has the name (a link, a grid cut by a kill)
+                make_image_grid(images, rows, n // rows).save(partial, format="PNG")
         self.accelerator.wait_for_everyone()
 
     def save_pipeline(self) -> None:
