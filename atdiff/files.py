@@ -37,7 +37,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 def remove_temp(partial: Path) -> None:
-    if partial.is_dir():
+    """Remove an entry atdiff wrote: a file or a folder, or a link in its place (never what the link points to)."""
+    if partial.is_dir() and not partial.is_symlink():
         shutil.rmtree(partial)
     else:
         partial.unlink(missing_ok=True)

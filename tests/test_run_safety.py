@@ -409,6 +409,16 @@ def test_a_sample_grid_name_linked_to_a_users_file_is_replaced_not_written_throu
     assert not grid.is_symlink() and Image.open(grid).size == (2 * 32, 2 * 32)  # 4 images, 2 x 2
 
 
+def test_a_temporary_name_linked_to_a_users_folder_removes_only_the_link(straight, tmp_path):
+    out = copy_run(straight[0], tmp_path)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("the user's own")
+    (out / ".atdiff-tmp-checkpoint-7").symlink_to(theirs)
+    assert train(tiny(out, max_steps=7), resume="latest").step == 7
+    assert (theirs / "keep.txt").read_text() == "the user's own" and not (out / ".atdiff-tmp-checkpoint-7").exists()
+
+
 def test_the_final_pipeline_is_replaced_whole(straight, tmp_path, monkeypatch):
     """Replacing a finished run's pipeline: whenever the folder has a model_index.json, it and every
     component are the new ones (never the old index with a new model, or a missing component)."""

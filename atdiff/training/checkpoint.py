@@ -39,7 +39,7 @@ from safetensors.torch import load_model, save_model
 from ..config import load_config, new_model
 from ..latents import load_vae
 from ..errors import UsageError
-from ..files import sha256_of, temp_path, write_atomic
+from ..files import remove_temp, sha256_of, temp_path, write_atomic
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline
 from .tensor_tree import load_tree, os_errors, save_tree
@@ -195,7 +195,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
     final = output_dir / f"checkpoint-{progress.step}"
     partial = temp_path(final)
     if acc.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_temp(partial)
         partial.mkdir()
     acc.wait_for_everyone()
     if acc.is_main_process:

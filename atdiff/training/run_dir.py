@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ import yaml
 
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import UsageError, os_error_line
-from ..files import TEMP_PREFIX, temp_path, write_atomic
+from ..files import TEMP_PREFIX, remove_temp, temp_path, write_atomic
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import list_checkpoints, run_folder_of
 
@@ -133,7 +132,7 @@ def is_output_dir_error(output_dir: Path, err: OSError) -> bool:
 def prepare_output_dir(output_dir: Path, cfg: ExperimentConfig) -> None:
     """Clear what an atdiff process killed while writing left here, and record the config."""
     for stale in output_dir.glob(f"{TEMP_PREFIX}*"):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        remove_temp(stale)
     write_atomic(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
@@ -147,7 +146,7 @@ def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
     ``model_index.json`` goes first and the new one comes last, so whenever the folder has one,
     every component it names is complete and of the same pipeline."""
     staging = temp_path(output_dir / "pipeline")
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_temp(staging)
     pipeline.save_pretrained(staging)
     (output_dir / PIPELINE_INDEX).unlink(missing_ok=True)
     replaced = []
@@ -157,11 +156,11 @@ def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
         target = output_dir / entry.name
         if target.exists():
             old = temp_path(target)
-            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+            remove_temp(old)
             os.replace(target, old)
             replaced.append(old)
         os.replace(entry, target)
     os.replace(staging / PIPELINE_INDEX, output_dir / PIPELINE_INDEX)
     staging.rmdir()
     for old in replaced:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        remove_temp(old)
