@@ -179,11 +179,20 @@ def check_same_settings(path: Path, previous: dict, current: dict) -> None:
         raise UsageError(f"{path} holds images sampled with other settings ({changed}); use a new --out or the same settings")
 
 
+def folder_settings(folder: Path) -> dict | None:
+    """The settings ``folder`` was filled with (its ``atdiff_sample.json``); None when it has none we wrote."""
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):  # missing, or not the JSON atdiff sample writes
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
 def claim_folder(folder: Path, record: SampleRecord) -> None:
     """Make ``folder`` hold images of ``record`` only: refuse one filled with other settings or other files."""
     record_file = folder / SETTINGS_FILE
-    if record_file.is_file():
-        check_same_settings(folder, json.loads(record_file.read_text()), record.flat())
+    if (previous := folder_settings(folder)) is not None:
+        check_same_settings(folder, previous, record.flat())
     elif folder.is_dir() and any(folder.iterdir()):
         raise UsageError(f"{folder} is not empty and was not written by `atdiff sample`; use a new or empty --out")
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,8 +341,7 @@ def sample_into_folder(
     """Make ``folder`` hold images ``0..num_images-1`` of ``record`` (only the missing ones are
     sampled); ``pipeline`` is a loaded pipeline (with ``record.sampling.scheduler`` already set) or
     a pipeline folder (loaded only if work is left). Returns (number sampled, seconds)."""
-    record_file = folder / SETTINGS_FILE
-    if record_file.is_file() and json.loads(record_file.read_text()) == record.flat():
+    if folder_settings(folder) == record.flat():
         if all(image_path(folder, i).is_file() for i in range(num_images)):
             return 0, 0.0
     pipe = pipeline if isinstance(pipeline, ImageDiffusionPipeline) else load_pipeline(Path(pipeline), record.sampling.scheduler, device)

@@ -233,6 +233,16 @@ def test_a_run_still_training_says_when_its_pipeline_comes(trained_dir, tmp_path
     assert f"atdiff train --config {run / 'config.yaml'} --output-dir {run} --resume latest" in err
 
 
+@pytest.mark.parametrize("record", ["not json", "[1]"])
+def test_a_folder_with_a_settings_file_we_did_not_write_is_refused(ddpm_dir, tmp_path, capsys, record):
+    out = tmp_path / "pngs"
+    out.mkdir()
+    (out / "atdiff_sample.json").write_text(record)
+    assert sample(ddpm_dir, out, "--num-images", "1") == 2
+    assert "is not empty and was not written by `atdiff sample`" in error_of(capsys).splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["atdiff_sample.json"]
+
+
 def test_not_a_pipeline_folder(tmp_path, capsys):
     assert sample(tmp_path, tmp_path / "x", "--num-images", "1") == 2
     assert "is not a pipeline folder (no model_index.json)" in error_of(capsys)
