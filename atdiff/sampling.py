@@ -288,13 +288,16 @@ def read_record(path: Path) -> dict | None:
     try:
         if path.suffix.lower() == ".npz":
             with np.load(path) as data:
-                return json.loads(str(data[RECORD_KEY])) if RECORD_KEY in data else None
-        with Image.open(path) as image:
-            if RECORD_KEY in image.info:  # PNG text chunk
-                return json.loads(image.info[RECORD_KEY])
-            return json.loads(image.info["comment"])[RECORD_KEY]  # JPEG comment
+                record = json.loads(str(data[RECORD_KEY])) if RECORD_KEY in data else None
+        else:
+            with Image.open(path) as image:
+                if RECORD_KEY in image.info:  # PNG text chunk
+                    record = json.loads(image.info[RECORD_KEY])
+                else:
+                    record = json.loads(image.info["comment"])[RECORD_KEY]  # JPEG comment
     except (OSError, ValueError, KeyError, TypeError):  # not ours, or not readable: treat it as foreign
         return None
+    return record if isinstance(record, dict) else None  # JSON under our key, but not a record we wrote
 
 
 def check_existing_file(out: Path, record: dict) -> None:

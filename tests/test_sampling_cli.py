@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from atdiff import DiTModel
 from atdiff.cli import main
@@ -241,6 +242,19 @@ def test_a_folder_with_a_settings_file_we_did_not_write_is_refused(ddpm_dir, tmp
     assert sample(ddpm_dir, out, "--num-images", "1") == 2
     assert "is not empty and was not written by `atdiff sample`" in error_of(capsys).splitlines()[-1]
     assert sorted(p.name for p in out.iterdir()) == ["atdiff_sample.json"]
+
+
+def test_a_grid_or_npz_whose_record_is_not_ours_is_refused(ddpm_dir, tmp_path, capsys):
+    """Our key, but not a settings record (a list, a number): another program's file, left alone."""
+    info = PngInfo()
+    info.add_text("atdiff_sample", "[1]")
+    Image.new("L", (4, 4)).save(tmp_path / "grid.png", pnginfo=info)
+    np.savez(tmp_path / "images.npz", arr_0=np.zeros((1, 2, 2, 1), np.uint8), atdiff_sample=np.array("5"))
+    for out in (tmp_path / "grid.png", tmp_path / "images.npz"):
+        before = out.read_bytes()
+        assert sample(ddpm_dir, out, "--num-images", "1") == 2
+        assert f"{out} exists and was not written by `atdiff sample`" in error_of(capsys)
+        assert out.read_bytes() == before
 
 
 def test_not_a_pipeline_folder(tmp_path, capsys):
