@@ -6,12 +6,13 @@ scheduler that samples from what it trained. The model is called as
 which these objectives leave untrained (as SiT does): only the first ``C`` output channels enter
 the loss, and the schedulers use fixed variances.
 
-Each objective draws its noisy inputs, timesteps and regression targets in ``training_inputs``;
-``DistillationObjective`` reuses them to make a student match a frozen teacher.
+Every objective is an ``Objective``: it draws its noisy inputs, timesteps and regression targets in
+``training_inputs``; ``DistillationObjective`` reuses them to make a student match a frozen teacher.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class ObjectiveConfig:
     distill_weight: float = 1.0
 
 
-def build_objective(cfg: ObjectiveConfig) -> DDPMObjective | FlowMatchingObjective | DistillationObjective:
+def build_objective(cfg: ObjectiveConfig) -> Objective:
     if cfg.type == "ddpm":
         objective = DDPMObjective(cfg.prediction_type, cfg.num_train_timesteps, cfg.beta_schedule)
     elif cfg.type == "flow_matching":
@@ -58,7 +59,27 @@ def mean_prediction(model, x_t: torch.Tensor, timestep: torch.Tensor, class_labe
     return model(x_t, timestep, class_labels).sample[:, : x_t.shape[1]]
 
 
-class DDPMObjective:
+class Objective(ABC):
+    """What the training loop asks of an objective: a loss, the scheduler that samples from what it
+    trained, and a chance to move what it holds besides the model onto the training device."""
+
+    @abstractmethod
+    def make_scheduler(self):
+        """A fresh diffusers scheduler that samples from a model trained with this objective."""
+
+    @abstractmethod
+    def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noisy input, timestep, regression target) for clean images ``x0``."""
+
+    def prepare(self, accelerator) -> None:
+        """Called once by the loop before training; only objectives holding modules of their own need it."""
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        x_t, t, target = self.training_inputs(x0)
+        return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
+
+
+class DDPMObjective(Objective):
     """Denoising diffusion (Ho et al. 2020) predicting the noise (epsilon) or v (Salimans & Ho 2022)."""
 
     def __init__(
@@ -85,12 +106,8 @@ class DDPMObjective:
             return x_t, t, noise
         return x_t, t, self.noise_scheduler.get_velocity(x0, noise, t)
 
-    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        x_t, t, target = self.training_inputs(x0)
-        return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
 
-
-class FlowMatchingObjective:
+class FlowMatchingObjective(Objective):
     """Flow matching with the linear interpolant and velocity prediction (SiT, Ma et al. 2024).
 
     In diffusers' convention, so ``FlowMatchEulerDiscreteScheduler`` samples from it unchanged:
@@ -119,12 +136,8 @@ class FlowMatchingObjective:
         x_t = (1 - s) * x0 + s * noise
         return x_t, sigma * self.num_train_timesteps, noise - x0
 
-    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        x_t, t, target = self.training_inputs(x0)
-        return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
 
-
-class DistillationObjective:
+class DistillationObjective(Objective):
     """Train a student to match a frozen teacher (e.g. the attention model an ATConv one was converted
     from) at the noisy inputs and times ``objective`` draws, alone (``weight=1``) or mixed with
     ``objective``'s own regression: ``(1 - weight) * own + weight * distillation``.
@@ -135,13 +148,16 @@ class DistillationObjective:
     numbers as the student's (the RNG is replayed), so both see the same labels dropped.
     """
 
-    def __init__(self, objective, teacher_path: str, weight: float = 1.0):
+    def __init__(self, objective: Objective, teacher_path: str, weight: float = 1.0):
         self.objective, self.teacher_path, self.weight = objective, teacher_path, weight
         self.teacher = None
         self.autocast: Callable = nullcontext
 
     def make_scheduler(self):
         return self.objective.make_scheduler()
+
+    def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.objective.training_inputs(x0)
 
     def prepare(self, accelerator) -> None:
         """Teacher on the accelerator's device, under its mixed-precision autocast."""
@@ -157,7 +173,7 @@ class DistillationObjective:
 
     def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         teacher = self.load_teacher()
-        x_t, t, target = self.objective.training_inputs(x0)
+        x_t, t, target = self.training_inputs(x0)
         teacher.train(model.training)  # label dropout on in both, or in neither
         devices = [x0.device] if x0.device.type == "cuda" else []
         with torch.no_grad(), self.autocast(), torch.random.fork_rng(devices=devices):

@@ -178,8 +178,7 @@ def start_training(
     model = build_model(cfg.model, report=accelerator.print)
     set_seed(tcfg.seed, device_specific=True)
     objective = build_objective(cfg.objective)
-    if hasattr(objective, "prepare"):  # e.g. a distillation teacher: onto the device, under the same autocast
-        objective.prepare(accelerator)
+    objective.prepare(accelerator)  # e.g. a distillation teacher: onto the device, under the same autocast
     interface = model_interface(model, dataset, objective, cfg, vae)
 
     ema = EMAModel(model.parameters(), decay=tcfg.ema_decay, use_ema_warmup=True, power=tcfg.ema_power, foreach=True)
