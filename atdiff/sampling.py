@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 import yaml
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
