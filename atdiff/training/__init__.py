@@ -3,7 +3,8 @@
 - ``loop``: ``train()`` and the ``Trainer`` (the Accelerate loop; knows no model class),
 - ``checkpoint``: checkpoint folders (list, find, save, load; a pipeline at a checkpoint),
 - ``run_dir``: the output folder (checks, ``config.yaml``, the final pipeline folder),
-- ``timing``: step timer and peak memory,
+- ``tensor_tree``: state dicts (optimizer, LR schedule, EMA, RNG) as pickle-free safetensors,
+- ``timing``: step timer and the run's wall clock (memory figures: ``atdiff.memory``),
 - ``cli``: ``atdiff train``.
 """
 
