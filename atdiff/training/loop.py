@@ -407,9 +407,8 @@ class Trainer:
         limit = self.tcfg.max_skipped_steps
         what = f"loss is {outcome.loss}" if not math.isfinite(outcome.loss) else f"gradient norm is {outcome.grad_norm}"
         if progress.skipped_steps > limit:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
             raise TrainingDiverged(
-                f"{what} at step {progress.step}; stopped without saving ({where}). Lower training.learning_rate, "
+                f"{what} at step {progress.step}; stopped without saving ({self.last_good()}). Lower training.learning_rate, "
                 f"set training.max_grad_norm or allow skips with training.max_skipped_steps (now {limit}), then resume with --resume latest."
             )
         self.accelerator.print(
@@ -417,6 +416,10 @@ class Trainer:
             file=sys.stderr, flush=True,
         )
         self.accelerator.log({"train/skipped_steps": progress.skipped_steps}, step=progress.step)
+
+    def last_good(self) -> str:
+        """Where a diverged run can be resumed from, for its error message."""
+        return f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
 
     def log(self, step: int, losses: list[float], grad_norm: float) -> None:
         logs = {"train/loss": sum(losses) / len(losses), "train/lr": self.state.lr_scheduler.get_last_lr()[0],
@@ -432,10 +435,9 @@ class Trainer:
         """Save a checkpoint, only of finite weights: a checkpoint is always one to resume from."""
         bad = nonfinite_count([*self.state.network.parameters(), *self.state.ema.shadow_params])
         if bad:
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
             raise TrainingDiverged(
                 f"after step {progress.step}, {bad} weights of the model or its EMA are not finite; stopped without "
-                f"saving ({where}). Lower training.learning_rate or set training.max_grad_norm, then resume with --resume latest."
+                f"saving ({self.last_good()}). Lower training.learning_rate or set training.max_grad_norm, then resume with --resume latest."
             )
         acc = self.accelerator
         with self.clock.spent_on("checkpoints"):
