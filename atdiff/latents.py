@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .data import DataConfig
-from .errors import UsageError
+from .errors import UsageError, one_line
 from .files import temp_path, write_atomic
 
 MANIFEST = "manifest.json"
@@ -62,7 +62,7 @@ def load_vae(data: DataConfig):
     try:
         vae = AutoencoderKL.from_pretrained(data.vae, subfolder=data.vae_subfolder)
     except (OSError, ValueError) as err:  # no such folder/hub id, offline, not an AutoencoderKL
-        reason = " ".join(str(err).split()).rstrip(".")  # diffusers' messages span lines; ours is one
+        reason = one_line(str(err)).rstrip(".")
         raise UsageError(
             f"data.vae: cannot load a diffusers AutoencoderKL from {where} ({reason}). Pass a folder written by "
             f"AutoencoderKL.save_pretrained or a hub id such as stabilityai/sd-vae-ft-ema (needs internet once)"
