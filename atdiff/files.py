@@ -1,4 +1,4 @@
-"""Writing files so that a reader (or a kill) never sees half of one.
+"""Where atdiff keeps its caches, and writing files so that a reader (or a kill) never sees half of one.
 
 Everything atdiff writes on the way to its final name carries ``TEMP_PREFIX``, so that what a
 killed process left behind can be recognised, and removed, without touching anyone else's files.
@@ -14,6 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TEMP_PREFIX = ".atdiff-tmp-"
+
+
+def cache_dir() -> Path:
+    """Root of atdiff's caches (Inception weights, FID statistics, latent stores): ``$ATDIFF_CACHE``,
+    else ``~/.cache/atdiff``."""
+    return Path(os.environ.get("ATDIFF_CACHE") or Path.home() / ".cache" / "atdiff")
 
 
 def temp_path(path: Path) -> Path:

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from .data import DataConfig
 from .errors import UsageError, one_line
-from .files import temp_path, write_atomic
+from .files import cache_dir, temp_path, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "atdiff-latent-store"
@@ -128,8 +128,6 @@ def store_dir(data: DataConfig, source: StoreSource) -> Path:
     store per images+VAE, so changing either picks a new folder instead of mixing latents."""
     if data.latent_dir:
         return Path(data.latent_dir).expanduser()
-    from .eval.inception import cache_dir
-
     key = hashlib.sha256(json.dumps(asdict(source), sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / "latents" / f"{data.dataset}-{data.split}-{data.resolution}px-{key}"
 

@@ -48,6 +48,7 @@ from torch_fidelity.utils import (
 from atdiff.config import SamplingConfig, load_config
 from atdiff.data import DATASETS, DataConfig, load_dataset
 from atdiff.errors import UsageError
+from atdiff.files import cache_dir
 from atdiff.sampling import (
     SETTINGS_FILE,
     SampleRecord,
@@ -61,7 +62,7 @@ from atdiff.sampling import (
 
 from .fid_cache import FeatureCache
 from .fid_statistics import FidStatistics, fid_from_statistics, is_statistics_file, read_statistics, write_statistics
-from .inception import FUSED_INCEPTION_NAME, InceptionWeights, cache_dir, resolve_inception_weights
+from .inception import FUSED_INCEPTION_NAME, InceptionWeights, resolve_inception_weights
 from .npz_images import NpzImages
 
 SUBSET_SEED = 0  # --num-real/--num-fake pick the same images on every run

