@@ -22,17 +22,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATDIFF_CACHE") or Path.home() / ".cache" / "atdiff")
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary sibling ``path`` is written as before it is renamed into place."""
-    return path.with_name(f"{TEMP_PREFIX}{path.name}")
+def temp_path(path: Path, shared: bool = False) -> Path:
+    """The temporary sibling ``path`` is written as before it is renamed into place. In a folder that
+    several processes write at once (``shared``: the FID cache, filled by parallel trainings' evals)
+    it carries the process id, so that no writer removes or renames another's half-written file."""
+    return path.with_name(f"{TEMP_PREFIX}{f'{os.getpid()}-' if shared else ''}{path.name}")
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, shared: bool = False) -> Iterator[Path]:
     """A temporary sibling of ``path`` to write with any writer, a file or a folder (``save_pretrained``);
     renamed to ``path`` when the block ends, so ``path`` holds either its old content or all of the new
     one. Removed if the block fails (disk full), and first if a killed attempt left it."""
-    partial = temp_path(path)
+    partial = temp_path(path, shared)
     remove_temp(partial)
     try:
         yield partial
@@ -50,9 +52,9 @@ def remove_temp(partial: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename."""
-    with atomic_path(path) as partial:
+def write_atomic(path: Path, text: str, shared: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename (``shared``: see ``temp_path``)."""
+    with atomic_path(path, shared) as partial:
         partial.write_text(text)
 
 

@@ -82,9 +82,10 @@ class FeatureCache:
         self.root.mkdir(parents=True, exist_ok=True)
         features_path, stats_path, record = self._paths(key)
         tensors = {name: value.contiguous() for name, value in features.items()}
-        with atomic_path(features_path) as partial:
+        # Parallel trainings (compare --jobs) may store one entry at once: per-process temp names.
+        with atomic_path(features_path, shared=True) as partial:
             save_file(tensors, partial)
-        write_statistics(stats, stats_path)
+        write_statistics(stats, stats_path, shared=True)
         meta = {
             "format": FORMAT_VERSION,
             "description": stats.description,
@@ -92,4 +93,4 @@ class FeatureCache:
             "feature_extractor": stats.feature_extractor,
             "layers": sorted(tensors),
         }
-        write_atomic(record, json.dumps(meta, indent=2) + "\n")
+        write_atomic(record, json.dumps(meta, indent=2) + "\n", shared=True)

@@ -74,14 +74,15 @@ def read_statistics(path: str | os.PathLike) -> FidStatistics:
     return FidStatistics(mu, sigma, f"{path} (statistics)", num, extractor)
 
 
-def write_statistics(stats: FidStatistics, path: str | os.PathLike) -> None:
-    """Save as an ``.npz`` every FID tool reads (``mu``, ``sigma``) plus atdiff's metadata; atomically."""
+def write_statistics(stats: FidStatistics, path: str | os.PathLike, shared: bool = False) -> None:
+    """Save as an ``.npz`` every FID tool reads (``mu``, ``sigma``) plus atdiff's metadata; atomically
+    (``shared``: see ``atdiff.files.temp_path``)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma}
     if stats.num_images is not None:
         arrays["num_images"] = np.array(stats.num_images)
     if stats.feature_extractor is not None:
         arrays["feature_extractor"] = np.array(stats.feature_extractor)  # a unicode array: no pickle
-    with atomic_path(Path(path)) as partial, open(partial, "wb") as file:
+    with atomic_path(Path(path), shared) as partial, open(partial, "wb") as file:
         np.savez(file, **arrays)  # a file object: np.savez would append .npz to a name
 
 
