@@ -24,10 +24,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-from torch_fidelity.utils_torch import torch_atomic_save
 
 from atdiff.errors import UsageError
-from atdiff.files import cache_dir
+from atdiff.files import atomic_path, cache_dir
 
 # torch-fidelity's registry name of the TF-compatible Inception-v3, and of our faster copy of it.
 INCEPTION_NAME = "inception-v3-compat"
@@ -72,7 +71,8 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Inceptio
         converted = cache_dir() / "inception" / f"pt_inception-2015-12-05-from-{digest}.pth"
         if not converted.is_file():
             converted.parent.mkdir(parents=True, exist_ok=True)
-            torch_atomic_save(convert_torchscript_inception(path), str(converted))
+            with atomic_path(converted, shared=True) as partial:  # the cache is shared by parallel runs
+                torch.save(convert_torchscript_inception(path), partial)
         state = torch.load(converted, map_location="cpu", weights_only=True)
         return InceptionWeights(str(converted), source, digest, _has_logits(state))
     try:
