@@ -24,7 +24,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,6 +37,7 @@ from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.sampling import SampleRecord, add_sampling_arguments, check_writable, sample_into_folder, sampling_overrides, use_scheduler
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
 
+from .bench import timed
 from .compare_report import write_report
 from .fid import compute_metrics, dataset_spec
 
@@ -330,16 +330,10 @@ def sampling_speed(run_dir: str, sampling: dict, batch: int, repeats: int, devic
     def call():
         pipe(batch_size=batch, class_labels=labels, num_inference_steps=sampling.num_inference_steps,
              guidance_scale=sampling.guidance_scale, output_type="pt")
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
 
     modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
     memory = model_peak_memory(call, torch.device(device), module_tensors(*modules))  # also the warm-up
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        rates.append(batch / (time.perf_counter() - start))
+    rates = [batch / timed(call, torch.device(device)) for _ in range(repeats)]
     return {"images_per_s": statistics.median(rates), "images_per_s_std": statistics.stdev(rates) if repeats > 1 else None,
             "batch": batch, "steps": sampling.num_inference_steps, "repeats": repeats, **memory,
             **process_peak_memory(torch.device(device))}
