@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from atdiff.config import ExperimentConfig
-from atdiff.files import write_atomic
+from atdiff.files import temp_path, write_atomic
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.sampling import SampleRecord, sample_into_folder, use_scheduler
 
@@ -44,7 +44,7 @@ class TrainingEvaluator:
         if result_file.is_file():
             return json.loads(result_file.read_text())
         t, sampling = self.cfg.training, self.cfg.sampling
-        samples = self.folder / f".step-{step}.samples.tmp"
+        samples = temp_path(self.folder / f"step-{step}.samples")  # resumable; removed once scored
         record = SampleRecord(f"{t.output_dir} (EMA weights at step {step})", sampling)
         with contextlib.redirect_stdout(sys.stderr):  # keep the training bar's stdout clean
             sample_into_folder(use_scheduler(pipeline, sampling.scheduler), samples, record, t.eval_num_images,
