@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..files import atomic_path
 from ..models.dit import DIT_SIZES, DiTModel
 from ..pipelines import ImageDiffusionPipeline
+from ..sampling import load_pipeline
 from .architecture import FAMILY_CONFIG
 from .importing import check_out, save_pipeline_folder
 from .keymap import atdiff_to_diffusers, atdiff_to_timm
@@ -38,12 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..sampling import check_pipeline_dir
-
     out = Path(args.out)
     check_out(out)
-    check_pipeline_dir(Path(args.pipeline_dir))
-    export_pipeline(ImageDiffusionPipeline.from_pretrained(args.pipeline_dir), args.to, out)
+    export_pipeline(load_pipeline(Path(args.pipeline_dir), scheduler=None, device="cpu"), args.to, out)
     print(f"exported {args.pipeline_dir} -> {out} ({args.to} layout)")
     return 0
 
