@@ -34,7 +34,15 @@ from atdiff.config import ExperimentConfig, SamplingConfig, flat_config, load_co
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
-from atdiff.sampling import SampleRecord, add_sampling_arguments, check_writable, sample_into_folder, sampling_overrides, use_scheduler
+from atdiff.sampling import (
+    SampleRecord,
+    add_sampling_arguments,
+    check_writable,
+    load_pipeline,
+    sample_into_folder,
+    sampling_overrides,
+    use_scheduler,
+)
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
 
 from .bench import timed
@@ -319,8 +327,6 @@ def evals_from_training(run_dir: Path, settings: CompareSettings) -> list[dict] 
 def sampling_speed(run_dir: str, sampling: dict, batch: int, repeats: int, device: str) -> dict:
     """Median images/s over ``repeats`` timed batches after a warm-up, whose peak memory is the
     model's (weights + what sampling allocates); runs in a fresh process."""
-    from atdiff.sampling import load_pipeline
-
     torch.manual_seed(0)
     sampling = SamplingConfig(**sampling)
     pipe = load_pipeline(Path(run_dir), sampling.scheduler, device)
@@ -382,6 +388,4 @@ def evaluate_entry(entry: Entry, settings: CompareSettings, preset: Preset, devi
 
 
 def param_count(run_dir: Path) -> int:
-    from atdiff.sampling import load_pipeline
-
     return sum(p.numel() for p in load_pipeline(run_dir, None, "cpu").model.parameters())
