@@ -2,7 +2,7 @@
 
 One process or many (``accelerate launch -m atdiff train ...``, DDP; DeepSpeed and FSDP are
 refused, see ``refuse_sharded_training``). The loop knows nothing about the network or the
-objective: ``train`` builds the parts and hands the ``Trainer`` a model, an objective
+objective: ``train`` builds the parts and hands the ``Trainer`` a model, an ``Objective``
 (``objective.loss(model, x0, labels)``), a stream of batches and three narrow facts about the
 model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
 precision, EMA, sample grids, trackers and checkpoints. With ``training.eval_every`` it also hands
@@ -46,7 +46,7 @@ from ..errors import UsageError
 from ..files import atomic_path, write_atomic
 from ..latents import check_model_fits
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
-from ..objectives import build_objective
+from ..objectives import Objective, build_objective
 from ..pipelines import ImageDiffusionPipeline, num_classes_of
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .run_dir import (
@@ -237,7 +237,7 @@ def previous_wall_clock(output_dir: Path, step: int) -> dict | None:
     return stats.get("wall_clock") if stats.get("steps") == step else None
 
 
-def model_interface(model: torch.nn.Module, dataset, objective, cfg: ExperimentConfig, vae: AutoencoderKL | None = None) -> ModelInterface:
+def model_interface(model: torch.nn.Module, dataset, objective: Objective, cfg: ExperimentConfig, vae: AutoencoderKL | None = None) -> ModelInterface:
     """What the loop needs to know of this model, checked against the data before any step; with a
     ``vae`` the model works on its latents and the pipelines decode with it."""
     embed_type = getattr(model.config, "class_embed_type", None)
@@ -295,7 +295,7 @@ class Trainer:
     model. Additions (evaluation during training, other data) should come in the same way.
     """
 
-    def __init__(self, accelerator: Accelerator, model, objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig,
+    def __init__(self, accelerator: Accelerator, model, objective: Objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig,
                  evaluator=None, carried_clock: dict | None = None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.state, self.interface, self.cfg = state, interface, cfg
