@@ -504,7 +504,7 @@ def check_teacher(cfg: ExperimentConfig, student: dict[str, Any]) -> None:
             raise UsageError(f"objective.distill_from {path}: the teacher's {key} is {teacher[key]}, the student's {student.get(key)}; they must match")
     index = Path(path, "model_index.json")
     predicts = json.loads(index.read_text()).get("prediction_type") if index.is_file() else None
-    trains = "flow_prediction" if cfg.objective.type == "flow_matching" else cfg.objective.prediction_type
+    trains = prediction_type_of(build_objective(cfg.objective).make_scheduler())
     if predicts is not None and predicts != trains:
         raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")
 

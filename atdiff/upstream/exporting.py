@@ -22,6 +22,7 @@ from ..errors import UsageError
 from ..files import atomic_path
 from ..models.dit import DIT_SIZES, DiTModel
 from ..pipelines import ImageDiffusionPipeline
+from ..pipelines.schedulers import FLOW_PREDICTION
 from ..sampling import load_pipeline
 from .architecture import FAMILY_CONFIG
 from .importing import check_out, save_pipeline_folder
@@ -29,7 +30,7 @@ from .keymap import atdiff_to_diffusers, atdiff_to_timm
 
 TARGETS = ("dit", "sit", "diffusers")
 # What each target's sampler expects the model to predict.
-TARGET_PREDICTION = {"dit": "epsilon", "sit": "flow_prediction", "diffusers": "epsilon"}
+TARGET_PREDICTION = {"dit": "epsilon", "sit": FLOW_PREDICTION, "diffusers": "epsilon"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
