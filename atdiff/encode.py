@@ -9,7 +9,6 @@ process r of N encodes shards r, r + N, ... (on N GPUs, N times faster).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import load_config
 from .data import DataConfig, load_dataset
+from .devices import launched_without_gpu
 from .errors import UsageError, writing_to
 from .latents import (
     DEFAULT_SHARD_SIZE,
@@ -57,7 +57,7 @@ def encode(data: DataConfig, batch_size: int = 64, shard_size: int = DEFAULT_SHA
     """Complete the latent store of ``data`` (start it, or finish the shards it lacks); returns its folder."""
     if not data.vae:
         raise UsageError("data.vae is not set, so there are no latents to encode; name a diffusers AutoencoderKL, e.g. data.vae=stabilityai/sd-vae-ft-ema")
-    accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=launched_without_gpu())
     vae = load_vae(data)
     if vae.config.in_channels != data.num_channels:
         raise UsageError(f"the VAE takes {vae.config.in_channels}-channel images but data gives {data.num_channels}; set data.channels={vae.config.in_channels}")

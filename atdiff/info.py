@@ -13,9 +13,9 @@ import time
 import torch
 
 from .config import build_model, load_config
+from .devices import check_device
 from .errors import UsageError
 from .nn.mixer import TOKEN_MIXERS
-from .sampling import check_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

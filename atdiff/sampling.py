@@ -28,6 +28,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from .config import SamplingConfig, section_from_dict
+from .devices import check_device
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, write_atomic
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
@@ -156,21 +157,6 @@ def check_positive(args: argparse.Namespace) -> None:
     for flag in ("num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-
-
-def check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
-    if device.type == "meta":
-        raise UsageError("--device meta holds no values, so nothing can be computed on it; use cpu or cuda")
-    try:  # a backend this torch was not built with, or a GPU index that does not exist
-        torch.empty(0, device=device)
-    except Exception as err:  # torch says so with RuntimeError, NotImplementedError, AssertionError, ...
-        raise UsageError(f"--device {name} cannot hold tensors in this torch ({type(err).__name__}); use cpu, cuda or cuda:N") from None
 
 
 def check_same_settings(path: Path, previous: dict, current: dict) -> None:

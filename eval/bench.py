@@ -45,13 +45,13 @@ import torch.nn.functional as F
 import yaml
 
 from atdiff.config import section_from_dict
+from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic
 from atdiff.memory import allocation_peak_bytes
 from atdiff.models import DiTModel, dit_size
 from atdiff.nn import ATConv, SelfAttention
 from atdiff.nn.functional import IMPL_FUNCTIONS, auto_conv_impl, per_sample_depthwise_conv2d, per_sample_depthwise_conv2d_shift
-from atdiff.sampling import check_device
 
 STUDIES = ("mixers", "impls", "models")
 MODES = ("forward", "forward+backward")

@@ -47,13 +47,13 @@ from torch_fidelity.utils import (
 
 from atdiff.config import SamplingConfig, load_config
 from atdiff.data import DATASETS, DataConfig, load_dataset
+from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import cache_dir
 from atdiff.sampling import (
     SETTINGS_FILE,
     SampleRecord,
     add_sampling_arguments,
-    check_device,
     image_path,
     sample_into_folder,
     sampling_for,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import statistics
 import sys
@@ -42,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, build_model, flat_config
 from ..data import batch_augmentation, batch_stream, load_training_data
+from ..devices import launched_without_gpu
 from ..errors import UsageError
 from ..files import atomic_path, write_atomic
 from ..latents import check_model_fits
@@ -134,9 +134,7 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
     tcfg = cfg.training
     try:
         accelerator = Accelerator(
-            # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) where no GPU is
-            # visible: train on the CPU over gloo. Left alone, Accelerate would start N separate runs.
-            cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+            cpu=launched_without_gpu(),
             mixed_precision=tcfg.mixed_precision,
             # Sync by step count, not at epoch ends: an optimizer step is always a full batch.
             gradient_accumulation_plugin=GradientAccumulationPlugin(

@@ -1,0 +1,31 @@
+"""Which device atdiff runs on: the ``--device`` check of every command, and Accelerate's CPU fallback."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import UsageError
+
+
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    if device.type == "meta":
+        raise UsageError("--device meta holds no values, so nothing can be computed on it; use cpu or cuda")
+    try:  # a backend this torch was not built with, or a GPU index that does not exist
+        torch.empty(0, device=device)
+    except Exception as err:  # torch says so with RuntimeError, NotImplementedError, AssertionError, ...
+        raise UsageError(f"--device {name} cannot hold tensors in this torch ({type(err).__name__}); use cpu, cuda or cuda:N") from None
+
+
+def launched_without_gpu() -> bool:
+    """Launched as several processes (torchrun, ``accelerate launch --multi_gpu``) where no GPU is
+    visible: ``Accelerator(cpu=True)`` then runs them as one job over gloo. Left alone, Accelerate
+    would start N separate single-process jobs."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
