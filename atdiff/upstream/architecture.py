@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ class Hints:
     sample_size: int | list[int] | None = None  # --sample-size (latent size)
 
     def overridden_by(self, other: "Hints") -> "Hints":
-        return Hints(**{f.name: getattr(other, f.name) if getattr(other, f.name) is not None else getattr(self, f.name) for f in fields(self)})
+        """These hints with every field ``other`` sets."""
+        return replace(self, **{f.name: value for f in fields(other) if (value := getattr(other, f.name)) is not None})
 
 
 def hints_from_args(args: dict[str, Any]) -> Hints:
