@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from atdiff.config import ExperimentConfig
-from atdiff.files import temp_path, write_atomic
+from atdiff.files import remove_temp, temp_path, write_atomic
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.sampling import SampleRecord, sample_into_folder, use_scheduler
 
@@ -51,7 +50,7 @@ class TrainingEvaluator:
                                t.batch_size, self.device, progress=False)
             metrics = compute_metrics(dataset_spec(self.cfg.data, t.eval_num_real), str(samples), kid=True,
                                       num_fake=t.eval_num_images, device=self.device)
-        shutil.rmtree(samples)
+        remove_temp(samples)
         result = {"step": step, **metrics, "num_real_asked": t.eval_num_real, "sampling": asdict(sampling)}
         write_atomic(result_file, json.dumps(result, indent=2) + "\n")
         return result
