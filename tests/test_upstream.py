@@ -212,8 +212,10 @@ class Payload:
 def bad_files(tmp_path: Path) -> dict[str, Path]:
     good = tmp_path / "good.pt"
     torch.save(timm_weights(dit()), good)
-    files = {"truncated": tmp_path / "truncated.pt", "pickle": tmp_path / "pickle.pt", "unet": tmp_path / "unet.pt"}
+    files = {"truncated": tmp_path / "truncated.pt", "pickle": tmp_path / "pickle.pt", "unet": tmp_path / "unet.pt",
+             "text": tmp_path / "notes.pt"}
     files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    files["text"].write_text("hi\n")  # garbage the weights-only unpickler fails on with a bare KeyError
     torch.save({"model": {"x": torch.zeros(1)}, "args": Payload()}, files["pickle"])
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
@@ -223,6 +225,7 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize(("kind", "messages"), [
     ("truncated", ["is not a readable PyTorch checkpoint (truncated or corrupt?)"]),
+    ("text", ["is not a readable PyTorch checkpoint (truncated or corrupt?)"]),
     ("pickle", ["holds an object of print, which atdiff does not unpickle"]),
     ("unet", ["is not a DiT/SiT checkpoint", "expected a DiT/SiT state dict (keys such as x_embedder.proj.weight"]),
 ])

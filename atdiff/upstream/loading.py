@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,9 @@ def load_checkpoint_file(path: Path) -> Any:
             f"containers, plain values and argparse.Namespace are loaded. Save the weights as a plain state dict "
             f"(torch.save(model.state_dict(), ...)) or as safetensors"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+    # Not a zip and not a valid pickle stream: the weights-only unpickler then fails with whatever the
+    # bytes trigger (KeyError, IndexError, ValueError, UnicodeDecodeError, ...), hence the broad catch.
+    except Exception as err:
         if isinstance(err, OSError) and not path.is_file():
             raise UsageError(f"{path}: no such file") from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
