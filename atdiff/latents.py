@@ -8,8 +8,8 @@ A store is a folder::
     ...
 
 Every shard holds ``shard_size`` images (the last one the rest) and is written under a temporary
-name and renamed, labels first, so a shard whose ``.latents.npy`` exists is complete and a killed
-encode resumes at the first missing shard. Training opens shards with ``np.load(mmap_mode="r")``:
+name and renamed, labels first, so a killed encode resumes at the first missing shard; a shard file
+cut short otherwise (a partial copy) counts as missing too. Training opens shards with ``np.load(mmap_mode="r")``:
 only the pages of the images a batch reads come into memory (ImageNet-256 is ~42 GB here).
 
 Storing the posterior of the image and of its mirror, not one latent, lets training see a flip and a
@@ -195,12 +195,31 @@ def shard_range(manifest: dict, index: int) -> range:
     return range(start, min(start + manifest["shard_size"], manifest["count"]))
 
 
-def shard_done(folder: Path, index: int) -> bool:
-    return shard_paths(folder, index)[0].is_file()  # written last
+def shard_done(folder: Path, manifest: dict, index: int) -> bool:
+    """Both files of the shard are there, whole, with the shapes the manifest implies. Renames make a
+    killed encode leave no partial shard, but a store copied in part or a full disk can."""
+    count = len(shard_range(manifest, index))
+    latents, labels = shard_paths(folder, index)
+    return whole_npy(labels, (count,), np.int64) and whole_npy(latents, (count, 2, 2, *manifest["latent_shape"]), DTYPE)
+
+
+def whole_npy(path: Path, shape: tuple[int, ...], dtype) -> bool:
+    """``path`` is a ``.npy`` of this shape and dtype, no byte short: its header is read, not its data."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            stored_shape, fortran_order, stored_dtype = read_header(f)
+            data_offset = f.tell()
+    except (OSError, ValueError):
+        return False
+    expected_size = data_offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return (stored_shape == tuple(shape) and stored_dtype == np.dtype(dtype) and not fortran_order
+            and path.stat().st_size == expected_size)
 
 
 def missing_shards(folder: Path, manifest: dict) -> list[int]:
-    return [i for i in range(manifest["num_shards"]) if not shard_done(folder, i)]
+    return [i for i in range(manifest["num_shards"]) if not shard_done(folder, manifest, i)]
 
 
 class ShardWriter:

@@ -167,6 +167,22 @@ def test_killed_encode_resumes_at_the_missing_shards(tmp_path, store, monkeypatc
             assert mine.read_bytes() == straight.read_bytes()
 
 
+def test_a_damaged_shard_counts_as_missing_and_is_encoded_again(tmp_path, store):
+    """A shard cut short (a partial copy of the store, a full disk) is not read as data: training asks
+    for `atdiff encode`, which rewrites just that shard."""
+    import shutil
+
+    data = data_config(Path(store.root), Path(store.vae), tmp_path / "latents")
+    shutil.copytree(store.latent_dir, data.latent_dir)
+    damaged = shard_paths(Path(data.latent_dir), 1)[0]
+    damaged.write_bytes(damaged.read_bytes()[:500])
+    with pytest.raises(MissingLatents, match="incomplete \\(2 of 3 shards encoded\\)"):
+        open_store(data, AutoencoderKL.from_pretrained(data.vae))
+    encode(data, batch_size=3, shard_size=SHARD_SIZE)
+    assert damaged.read_bytes() == shard_paths(Path(store.latent_dir), 1)[0].read_bytes()
+    assert len(open_store(data, AutoencoderKL.from_pretrained(data.vae))) == NUM_IMAGES
+
+
 def test_store_made_otherwise_is_refused_naming_the_difference(store, tmp_path):
     vae = AutoencoderKL.from_pretrained(store.vae)
     with pytest.raises(UsageError, match=r"data.resolution=64 \(config: 32\)"):
