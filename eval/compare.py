@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from atdiff.config import ExperimentConfig, SamplingConfig, flat_config, load_config
+from atdiff.config import RANGES, ExperimentConfig, SamplingConfig, flat_config, load_config
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
@@ -124,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("entries", nargs="+", metavar="CONFIG|RUN_DIR", help="configs to train (or train runs to reuse); KEY=VALUE items override config keys of every entry")
     parser.add_argument("--out", required=True, help="comparison folder (resumed when it exists)")
     parser.add_argument("--preset", choices=PRESETS, default="quick", help="quick: CPU, ~1 hour per seed; full: GPU (default: quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED", help="training seeds: each config is trained once per seed (default: 0)")
+    # extend: `--seeds 0 1 --seeds 2` means 0 1 2, not just the last list (argparse's default for nargs)
+    parser.add_argument("--seeds", type=int, nargs="+", action="extend", metavar="SEED", help="training seeds: each config is trained once per seed (default: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run in parallel, each with cores // jobs threads (default: 1)")
     parser.add_argument("--baseline", help="entry the others are compared with (default: the attention one, else the first)")
     parser.add_argument("--num-images", type=int, help="samples per model for the final FID (preset's by default)")
@@ -141,9 +142,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
     sources = [Path(e) for e in args.entries if e not in overrides]
     if len(sources) < 2:
         raise UsageError("compare needs at least two configs or run folders")
-    seeds = list(dict.fromkeys(args.seeds))
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    seeds = list(dict.fromkeys(args.seeds or [0]))
+    check_counts(args, seeds)
     preset = PRESETS[args.preset]
     preset = replace(preset, **{k: v for k, v in (("num_images", args.num_images), ("num_real", args.num_real),
                                                   ("step_images", args.step_images), ("batch_size", args.batch_size)) if v is not None})
@@ -160,6 +160,20 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
         step_images=preset.step_images, sampling=sampling, kid=args.kid,
     )
     return settings, preset, entries
+
+
+def check_counts(args: argparse.Namespace, seeds: list[int]) -> None:
+    """Numbers that would otherwise fail only after training (a final FID of one image) or inside it."""
+    low, high = (int(bound) for bound in RANGES["training.seed"][1:-1].split(", "))
+    for seed in seeds:
+        if not low <= seed <= high:
+            raise UsageError(f"--seeds: a training seed must be in [{low}, {high}], got {seed}")
+    for flag, value in (("--num-images", args.num_images), ("--num-real", args.num_real), ("--step-images", args.step_images)):
+        if value is not None and value < 2:
+            raise UsageError(f"{flag} must be at least 2 (FID needs a covariance), got {value}")
+    for flag, value in (("--jobs", args.jobs), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
 
 
 def resolve_entry(source: Path, out: Path, overrides: list[str], seeds: list[int]) -> Entry:

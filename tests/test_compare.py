@@ -164,6 +164,32 @@ def test_needs_two_entries_with_the_same_data(tmp_path, capsys):
     assert "is one finished run (one seed); --seeds 0 1 needs configs to train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seeds", "-1"], "--seeds: a training seed must be in [0, 4294967295], got -1"),
+    (["--num-images", "1"], "--num-images must be at least 2 (FID needs a covariance), got 1"),
+    (["--num-real", "0"], "--num-real must be at least 2 (FID needs a covariance), got 0"),
+    (["--step-images", "1"], "--step-images must be at least 2 (FID needs a covariance), got 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+])
+def test_flags_that_would_fail_after_training_are_refused_before_it(flags, message, tmp_path, capsys):
+    """Not hours later (a final FID of 1 image), nor as a training failure that says to rerun."""
+    pair = [str(CONFIGS / f"fashion-mnist-dit-t4-{mixer}.yaml") for mixer in ("attention", "atconv")]
+    assert main(["compare", *pair, *flags, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"atdiff compare: error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_seeds_given_twice_add_up(tmp_path):
+    from atdiff.cli import parse_args
+
+    pair = [str(CONFIGS / f"fashion-mnist-dit-t4-{mixer}.yaml") for mixer in ("attention", "atconv")]
+    args = parse_args(["compare", *pair, "--seeds", "0", "1", "--seeds", "2", "1", "--out", str(tmp_path)])
+    assert compare_module.settings_from_args(args)[0].seeds == [0, 1, 2]
+    args = parse_args(["compare", *pair, "--out", str(tmp_path)])
+    assert compare_module.settings_from_args(args)[0].seeds == [0]
+
+
 def test_out_that_is_a_file_or_a_foreign_folder_is_refused_before_training(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine").mkdir()
