@@ -17,13 +17,16 @@ FID evals), and so does the sampling-speed probe, so its process figures belong 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -265,27 +268,73 @@ def train_runs(entries: list[Entry], overrides: list[str], jobs: int) -> None:
     if not pending:
         return
     env = thread_environment(jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1), pending))
+    children = ChildProcesses()
+    with children.forwarding_sigterm(), ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1, children), pending))
     failed = [f"{entry.name} seed {run.seed} (exit code {code})" for (entry, run), code in zip(pending, codes) if code]
     if failed:
         raise UsageError(f"training stopped: {', '.join(failed)}; rerun the same compare command to resume")
 
 
-def train_run(entry: Entry, run: Run, overrides: list[str], env: dict | None, to_log: bool) -> int:
+def train_run(entry: Entry, run: Run, overrides: list[str], env: dict | None, to_log: bool, children: ChildProcesses) -> int:
     command = [sys.executable, "-m", "atdiff", "train", "--config", str(entry.source), "--resume", "latest", *overrides,
                f"training.seed={run.seed}", f"training.output_dir={json.dumps(str(run.run_dir))}"]
     if not to_log:
         print(f"[{entry.name} seed {run.seed}] training: {shlex.join(command[2:])}", flush=True)
-        return subprocess.call(command, env=env)
+        return children.call(command, env=env)
     # Parallel runs would interleave their progress bars: each writes its own log.
     log = run.results / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{entry.name} seed {run.seed}] training, log in {log}", flush=True)
     with open(log, "a") as stream:
-        code = subprocess.call(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        code = children.call(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
     print(f"[{entry.name} seed {run.seed}] training {'done' if code == 0 else f'stopped (exit code {code})'}", flush=True)
     return code
+
+
+class ChildProcesses:
+    """The trainings compare runs as child processes. A Ctrl-C reaches them already (the terminal signals
+    the whole foreground process group), but a SIGTERM (``timeout``, a batch scheduler, ``kill``) reaches
+    compare alone, and by default Python dies at once and leaves them training on as orphans."""
+
+    def __init__(self):
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+
+    def call(self, command: list[str], **kwargs) -> int:
+        with self.lock:
+            process = subprocess.Popen(command, **kwargs)
+            self.live.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.live.discard(process)
+
+    def terminate(self) -> None:
+        """SIGTERM every live child (``atdiff train`` saves a checkpoint after its step) and wait for them."""
+        with self.lock:
+            processes = list(self.live)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait()
+
+    @contextlib.contextmanager
+    def forwarding_sigterm(self):
+        def on_sigterm(signum, frame):
+            self.terminate()
+            raise SystemExit(128 + signum)
+
+        try:
+            previous = signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not the main thread: whoever owns the signals handles them
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def thread_environment(jobs: int) -> dict | None:
