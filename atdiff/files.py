@@ -13,6 +13,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import UsageError
+
 TEMP_PREFIX = ".atdiff-tmp-"
 
 
@@ -20,6 +22,15 @@ def cache_dir() -> Path:
     """Root of atdiff's caches (Inception weights, FID statistics, latent stores): ``$ATDIFF_CACHE``,
     else ``~/.cache/atdiff``."""
     return Path(os.environ.get("ATDIFF_CACHE") or Path.home() / ".cache" / "atdiff")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be created: under a file, or in a folder that is not writable."""
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable (read-only or no permission); choose another --out")
 
 
 def temp_path(path: Path, shared: bool = False) -> Path:

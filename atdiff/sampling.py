@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from .config import SamplingConfig, section_from_dict
 from .devices import check_device
 from .errors import UsageError, one_line, writing_to
-from .files import atomic_path, write_atomic
+from .files import atomic_path, check_writable, write_atomic
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder, read_model_index
 
@@ -142,15 +141,6 @@ def output_kind(out: Path) -> str:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is an existing file; pass a folder, a .png or .jpg (grid) or a .npz")
     return "dir"
-
-
-def check_writable(out: Path) -> None:
-    """Refuse an ``--out`` that cannot be created: under a file, or in a folder that is not writable."""
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    if not parent.is_dir():
-        raise UsageError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {parent} is not writable (read-only or no permission); choose another --out")
 
 
 def check_positive(args: argparse.Namespace) -> None:

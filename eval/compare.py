@@ -35,12 +35,11 @@ import torch
 
 from atdiff.config import RANGES, ExperimentConfig, SamplingConfig, flat_config, load_config
 from atdiff.errors import UsageError
-from atdiff.files import write_atomic
+from atdiff.files import check_writable, write_atomic
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.sampling import (
     SampleRecord,
     add_sampling_arguments,
-    check_writable,
     load_pipeline,
     sample_into_folder,
     sampling_overrides,

@@ -263,6 +263,33 @@ def test_import_cli_writes_a_pipeline_folder_and_never_overwrites(tmp_path, caps
     assert_same_model(loaded.model, import_checkpoint(export).model)
 
 
+@pytest.mark.parametrize(("command", "conversion"), [
+    ("import", "atdiff.upstream.importing.import_checkpoint"),
+    ("export", "atdiff.upstream.exporting.export_pipeline"),
+])
+def test_unwritable_out_is_refused_before_any_conversion(command, conversion, tmp_path, capsys, monkeypatch, owner_permissions):
+    src = tmp_path / "dit.pt"
+    export_pipeline(pipeline(dit("dit")), "dit", src)
+    if command == "export":
+        src = tmp_path / "imported"
+        assert main(["import", str(tmp_path / "dit.pt"), "--out", str(src)]) == 0
+    flags = ["--to", "dit"] if command == "export" else []
+    monkeypatch.setattr(conversion, lambda *args: pytest.fail("converted before checking --out"))
+    locked, blocker = tmp_path / "locked", tmp_path / "notes.txt"
+    locked.mkdir(mode=0o555)
+    blocker.write_text("mine")
+    for out, problem in [
+        (locked / "out", f"--out {locked / 'out'}: {locked} is not writable"),
+        (blocker / "out", f"--out {blocker / 'out'}: {blocker} is a file, not a folder"),
+        (tmp_path / "missing" / "out", f"--out {tmp_path / 'missing' / 'out'}: folder {tmp_path / 'missing'} does not exist"),
+    ]:
+        capsys.readouterr()
+        assert main([command, str(src), "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"atdiff {command}: error: {problem}") and len(err.splitlines()) == 1, err
+    assert list(locked.iterdir()) == [] and blocker.read_text() == "mine"
+
+
 def test_every_ddpm_sampler_runs_on_a_learned_sigma_import(tmp_path):
     """DDPM uses the learned variance; the other samplers get the mean channels only."""
     from atdiff.pipelines.schedulers import DDPM_SCHEDULERS, scheduler_by_name

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UsageError
-from ..files import atomic_path
+from ..files import atomic_path, check_writable
 from ..models.dit import DiTModel, sincos_position_table
 from ..objectives import ObjectiveConfig, build_objective
 from ..pipelines import ImageDiffusionPipeline
@@ -69,8 +69,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_out(out: Path) -> None:
+    """Refuse, before any conversion work, an ``--out`` that exists or cannot be written."""
     if out.exists():
         raise UsageError(f"--out {out} already exists; pass a new path (atdiff never writes over one)")
+    if not out.parent.exists():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist; create it or choose another --out")
+    check_writable(out)
 
 
 # ------------------------------------------------------------------------------------------------
