@@ -95,7 +95,7 @@ def load_training_data(cfg: DataConfig) -> tuple[Dataset, "AutoencoderKL | None"
         return load_dataset(cfg), None
     from .latents import load_vae, open_store
 
-    vae = load_vae(cfg)
+    vae = load_vae(cfg.vae, cfg.vae_subfolder)
     return open_store(cfg, vae), vae
 
 

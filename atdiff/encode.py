@@ -58,7 +58,7 @@ def encode(data: DataConfig, batch_size: int = 64, shard_size: int = DEFAULT_SHA
     if not data.vae:
         raise UsageError("data.vae is not set, so there are no latents to encode; name a diffusers AutoencoderKL, e.g. data.vae=stabilityai/sd-vae-ft-ema")
     accelerator = Accelerator(cpu=launched_without_gpu())
-    vae = load_vae(data)
+    vae = load_vae(data.vae, data.vae_subfolder)
     if vae.config.in_channels != data.num_channels:
         raise UsageError(f"the VAE takes {vae.config.in_channels}-channel images but data gives {data.num_channels}; set data.channels={vae.config.in_channels}")
     images = load_dataset(data)

@@ -54,17 +54,18 @@ class MissingLatents(UsageError):
 # ------------------------------------------------------------------------------------------------
 
 
-def load_vae(data: DataConfig):
-    """The ``AutoencoderKL`` that ``data.vae`` (and ``data.vae_subfolder``) names, frozen, in eval mode."""
+def load_vae(source: str | os.PathLike, subfolder: str | None = None, setting: str = "data.vae"):
+    """The ``AutoencoderKL`` of a folder or hub id (``subfolder``: a pipeline's ``vae``), frozen, in eval
+    mode; one line naming ``setting`` (the config key or flag that gave ``source``) when it does not load."""
     from diffusers import AutoencoderKL
 
-    where = data.vae + (f" (subfolder {data.vae_subfolder!r})" if data.vae_subfolder else "")
+    where = os.fspath(source) + (f" (subfolder {subfolder!r})" if subfolder else "")
     try:
-        vae = AutoencoderKL.from_pretrained(data.vae, subfolder=data.vae_subfolder)
+        vae = AutoencoderKL.from_pretrained(source, subfolder=subfolder)
     except (OSError, ValueError) as err:  # no such folder/hub id, offline, not an AutoencoderKL
         reason = one_line(str(err)).rstrip(".")
         raise UsageError(
-            f"data.vae: cannot load a diffusers AutoencoderKL from {where} ({reason}). Pass a folder written by "
+            f"{setting}: cannot load a diffusers AutoencoderKL from {where} ({reason}). Pass a folder written by "
             f"AutoencoderKL.save_pretrained or a hub id such as stabilityai/sd-vae-ft-ema (needs internet once)"
         ) from None
     return vae.eval().requires_grad_(False)

@@ -329,6 +329,20 @@ def test_diffusers_pipeline_round_trip_keeps_the_vae(tmp_path):
         import_checkpoint(tmp_path / "dit.pt", ImportOptions(vae=str(tmp_path)))
 
 
+def test_vae_folder_that_does_not_load_is_one_line(tmp_path, capsys):
+    src = tmp_path / "dit.pt"
+    export_pipeline(pipeline(dit("dit")), "dit", src)
+    vae = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae)
+    (vae / "diffusion_pytorch_model.safetensors").unlink()  # a config without its weights
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["import", str(src), "--out", str(out), "--vae", str(vae)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"atdiff import: error: --vae: cannot load a diffusers AutoencoderKL from {vae} (") and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_what_the_weights_do_not_say_is_asked_for(tmp_path):
     atconv = timm_weights(dit("sit", "atconv"))  # no pos_embed: the latent size is not in the weights
     torch.save(atconv, tmp_path / "atconv.pt")

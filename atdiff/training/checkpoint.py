@@ -327,5 +327,5 @@ def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
     ema = EMAModel(model.parameters())
     ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
     ema.copy_to(model.parameters())
-    vae = load_vae(cfg.data) if cfg.data.vae else None
+    vae = load_vae(cfg.data.vae, cfg.data.vae_subfolder) if cfg.data.vae else None
     return ImageDiffusionPipeline(model=model.eval(), scheduler=build_objective(cfg.objective).make_scheduler(), vae=vae)

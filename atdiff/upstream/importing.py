@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UsageError
 from ..files import atomic_path, check_writable
+from ..latents import load_vae
 from ..models.dit import DiTModel, sincos_position_table
 from ..objectives import ObjectiveConfig, build_objective
 from ..pipelines import ImageDiffusionPipeline
@@ -99,7 +100,7 @@ def import_checkpoint(src: Path, options: ImportOptions | None = None) -> ImageD
     return ImageDiffusionPipeline(
         model=model.eval(),
         scheduler=scheduler_for(hints.family, model.config.learn_sigma, source.scheduler_config),
-        vae=load_vae(Path(vae_dir), model.config.in_channels) if vae_dir else None,
+        vae=vae_for_model(Path(vae_dir), model.config.in_channels) if vae_dir else None,
     )
 
 
@@ -145,8 +146,9 @@ def vae_subfolder(path: Path) -> str | None:
     raise UsageError(f"--vae {path} is not an AutoencoderKL folder (no config.json, nor vae/config.json)")
 
 
-def load_vae(path: Path, latent_channels: int) -> AutoencoderKL:
-    vae = AutoencoderKL.from_pretrained(path, subfolder=vae_subfolder(path))
+def vae_for_model(path: Path, latent_channels: int) -> AutoencoderKL:
+    """The VAE folder ``path`` (or a pipeline folder's ``vae/``), refused unless it makes the model's latents."""
+    vae = load_vae(path, vae_subfolder(path), setting="--vae")
     if vae.config.latent_channels != latent_channels:
         raise UsageError(f"--vae {path} has {vae.config.latent_channels} latent channels, the model {latent_channels}")
     return vae
