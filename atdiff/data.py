@@ -13,6 +13,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -228,17 +229,20 @@ class UnreadableImage(UsageError):
         return cls(str(err).rstrip().rsplit(f"{cls.__name__}: ", 1)[-1])
 
 
-def image_loader(mode: str):
-    """ImageFolder's loader (decode, convert to ``mode``), naming the file when it does not decode."""
+def read_image(path: str | Path, mode: str) -> Image.Image:
+    """The image file ``path``, decoded whole and converted to ``mode``; an ``UnreadableImage`` naming it
+    when it does not decode (truncated, not an image: PIL raises OSError, SyntaxError or ValueError,
+    and DecompressionBombError for one too large to be a real photo)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)  # convert decodes the whole file: a truncated one fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f"{path} is not a readable image ({err}); remove or replace it") from None
 
-    def load(path: str) -> Image.Image:
-        try:
-            with open(path, "rb") as file:
-                return Image.open(file).convert(mode)  # convert decodes the whole image
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise UnreadableImage(f"{path} is not a readable image ({err}); remove or replace it") from None
 
-    return load
+def image_loader(mode: str) -> Callable[[str], Image.Image]:
+    """ImageFolder's loader: ``read_image`` to ``mode``."""
+    return partial(read_image, mode=mode)
 
 
 def image_folder(cfg: DataConfig) -> Dataset:

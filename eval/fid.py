@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
-from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torch_fidelity.datasets import ImagesPathDataset
 from torch_fidelity.metric_isc import isc_featuresdict_to_metric
@@ -46,7 +45,7 @@ from torch_fidelity.utils import (
 )
 
 from atdiff.config import SamplingConfig, load_config
-from atdiff.data import DATASETS, DataConfig, load_dataset
+from atdiff.data import DATASETS, DataConfig, load_dataset, read_image
 from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import cache_dir
@@ -244,18 +243,11 @@ class ImageFiles(ImagesPathDataset):
 
     def __init__(self, files: list[str]):
         super().__init__(files)
-        self.size = self._open(files[0]).size  # every image must have the first one's size
-
-    def _open(self, path: str) -> Image.Image:
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")  # decodes the whole file: a truncated one fails here
-        except (OSError, SyntaxError, ValueError) as err:
-            raise UsageError(f"{path}: not a readable image ({err}); remove or replace it") from None
+        self.size = read_image(files[0], "RGB").size  # every image must have the first one's size
 
     def __getitem__(self, index: int) -> torch.Tensor:
         path = self.files[index]
-        image = self._open(path)
+        image = read_image(path, "RGB")
         if image.size != self.size:
             (w, h), (w0, h0) = image.size, self.size
             raise UsageError(f"{path} is {w}x{h} but {self.files[0]} is {w0}x{h0}; an FID input needs images of one size")

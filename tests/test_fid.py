@@ -265,7 +265,7 @@ def test_bad_image_in_an_fid_input_is_named(folders, tmp_path, capsys):
     (broken / "000001.png").write_bytes((folders.fake / "000001.png").read_bytes()[:60])
     assert main(["fid", REAL, str(broken), "--num-real", str(N)]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"{broken / '000001.png'}: not a readable image" in err
+    assert "Traceback" not in err and f"{broken / '000001.png'} is not a readable image" in err
 
 
 # ------------------------------------------------------------------------------------------------

@@ -181,12 +181,20 @@ def test_unreadable_and_mixed_size_images_are_named(tmp_path):
         [image_set(str(tmp_path / "mixed"))[i] for i in range(3)]
     paths = write_pngs(tmp_path / "broken", [8, 8, 8])
     paths[1].write_bytes(paths[1].read_bytes()[:40])  # truncated
-    with pytest.raises(UsageError, match="000001.png: not a readable image"):
+    with pytest.raises(UsageError, match="000001.png is not a readable image"):
         [image_set(str(tmp_path / "broken"))[i] for i in range(3)]
     paths[1].write_text("not an image")
-    with pytest.raises(UsageError, match="000001.png: not a readable image"):
+    with pytest.raises(UsageError, match="000001.png is not a readable image"):
         image_set(str(tmp_path / "broken"))[1]
     os.remove(paths[1])
     paths[0].write_text("not an image")  # the first image sets the size: named when the set is opened
-    with pytest.raises(UsageError, match="000000.png: not a readable image"):
+    with pytest.raises(UsageError, match="000000.png is not a readable image"):
         image_set(str(tmp_path / "broken"))
+
+
+def test_image_too_large_to_be_real_is_named(tmp_path, monkeypatch):
+    """PIL refuses a decompression bomb with its own error, which ImageFolder training and FID both name."""
+    write_pngs(tmp_path / "bomb", [8, 8])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # an 8x8 image is then over twice the limit
+    with pytest.raises(UsageError, match=r"000000.png is not a readable image \(Image size \(64 pixels\) exceeds limit"):
+        image_set(str(tmp_path / "bomb"))
