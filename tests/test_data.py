@@ -172,19 +172,41 @@ def test_unreadable_image_is_named(tmp_path, name, data, num_workers):
     assert "\n" not in message
 
 
-def test_atdiff_train_names_the_unreadable_image(tmp_path, capsys):
+def train_on_image_folder(root: Path, out: Path) -> int:
+    """``atdiff train`` of a tiny 2-class DiT on the ImageFolder ``root``."""
     from atdiff.cli import main
 
-    root = image_folder_with(tmp_path / "images", "cut.png", truncated_png())
     config = Path(__file__).resolve().parents[1] / "configs" / "fashion-mnist-dit-t4-atconv.yaml"
-    argv = ["train", "--config", str(config), "--output-dir", str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "9",
-            "data.dataset=imagefolder", f"data.root={root}", "data.resolution=8", "data.channels=1", "model.size=null",
-            "model.sample_size=8", "model.hidden_size=16", "model.depth=1", "model.num_heads=1", "model.patch_size=4",
-            "model.num_classes=2", "training.log_with=none", "training.num_sample_images=1", "sampling.num_inference_steps=1"]
-    assert main(argv) == 2
+    return main(["train", "--config", str(config), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "9",
+                 "data.dataset=imagefolder", f"data.root={root}", "data.resolution=8", "data.channels=1", "model.size=null",
+                 "model.sample_size=8", "model.hidden_size=16", "model.depth=1", "model.num_heads=1", "model.patch_size=4",
+                 "model.num_classes=2", "training.log_with=none", "training.num_sample_images=1", "sampling.num_inference_steps=1"])
+
+
+def test_atdiff_train_names_the_unreadable_image(tmp_path, capsys):
+    root = image_folder_with(tmp_path / "images", "cut.png", truncated_png())
+    assert train_on_image_folder(root, tmp_path / "run") == 2
     err = capsys.readouterr().err
     last_line = err.splitlines()[-1]
     assert "Traceback" not in err and last_line.startswith(f"atdiff train: error: {root / 'b' / 'cut.png'} is not a readable image (")
+
+
+@pytest.mark.parametrize(("layout", "problem"), [
+    ("missing", "data.root: imagefolder needs a folder with one subfolder of images per class"),
+    ("no classes", "data.root: Couldn't find any class folder"),
+    ("one class", "the model is conditioned on 2 classes but data (imagefolder) has 1"),
+])
+def test_bad_data_root_leaves_no_run_folder(tmp_path, capsys, layout, problem):
+    root = tmp_path / "images"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "one class":
+        (root / "a").mkdir()
+        Image.new("L", (8, 8)).save(root / "a" / "0.png")
+    out = tmp_path / "runs" / "run"
+    assert train_on_image_folder(root, out) == 2
+    assert problem in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_image_folder_needs_a_folder(tmp_path):

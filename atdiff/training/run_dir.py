@@ -8,6 +8,7 @@ checkpoints, the pipeline components it replaces).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -90,6 +91,7 @@ def run_lock(output_dir: Path) -> Iterator[None]:
     """Hold the run folder for one process: an exclusive ``flock`` on its lock file, which the OS
     releases when the process ends however it ends, so a crash never leaves a stale lock."""
     lock = output_dir / LOCK_NAME
+    created = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         # The lock file is rewritten with our PID: never through a link (a folder from elsewhere could
@@ -113,8 +115,22 @@ def run_lock(output_dir: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+    except BaseException:
+        if created:
+            remove_unused_run_dir(output_dir)
+        raise
     finally:
         os.close(fd)
+
+
+def remove_unused_run_dir(output_dir: Path) -> None:
+    """Remove the run folder this process made when it holds nothing but the lock file: a check that
+    needs the model (its classes against the data's) failed before anything was written, and an empty
+    run folder would only be in the way. Anything else in it is kept."""
+    if [entry.name for entry in output_dir.iterdir()] == [LOCK_NAME]:
+        (output_dir / LOCK_NAME).unlink()
+        with contextlib.suppress(OSError):  # another process may have just opened its own lock there
+            output_dir.rmdir()
 
 
 def output_dir_error(output_dir: Path, err: OSError) -> UsageError:
