@@ -466,6 +466,11 @@ def check_values(cfg: ExperimentConfig) -> None:
     check_time_convention(cfg, model)
     if cfg.objective.distill_from:
         check_teacher(cfg, model)
+    elif cfg.objective.distill_weight != ObjectiveConfig.distill_weight:
+        raise UsageError(
+            f"objective.distill_weight={cfg.objective.distill_weight} weighs a distillation loss, but objective.distill_from "
+            f"names no teacher; set objective.distill_from to the teacher's pipeline folder, or drop the weight"
+        )
     check_model(cfg.model)
 
 

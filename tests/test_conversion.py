@@ -176,6 +176,8 @@ def test_distillation_config_errors(teacher_dir, tmp_path):
         config(None, "atconv", {"distill_from": str(tmp_path)})
     with pytest.raises(UsageError, match=r"objective.distill_weight must be in \(0, 1\]"):
         config(None, "atconv", {"distill_from": str(teacher_dir), "distill_weight": 0})
+    with pytest.raises(UsageError, match="objective.distill_from names no teacher"):
+        config(None, "atconv", {"distill_weight": 0.5})
     raw = config(None, "atconv").to_dict()
     raw["objective"] = {"type": "ddpm", "distill_from": str(teacher_dir)}
     with pytest.raises(UsageError, match="predicts flow_prediction, but this objective trains epsilon"):
