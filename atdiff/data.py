@@ -209,6 +209,11 @@ def cifar10(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 def torchvision_dataset(cls: type, cfg: DataConfig):
     root = Path(cfg.root or DOWNLOAD_DIR).expanduser()
+    if cfg.root and not root.is_dir():  # torchvision would create it (a mistyped path included) before failing
+        raise UsageError(
+            f"data.root {root} is not a folder; point it at the folder holding torchvision's {cls.__name__} "
+            f"files, create it to download into it, or leave data.root unset ({DOWNLOAD_DIR})"
+        )
     try:  # download=True only downloads what root does not already hold
         return cls(str(root), train=cfg.split == "train", download=True)
     except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision wraps failed mirrors in RuntimeError

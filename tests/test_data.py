@@ -119,6 +119,20 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
         load_dataset(DataConfig(dataset="cifar10", root=str(tmp_path)))
 
 
+def test_a_data_root_that_is_no_folder_is_refused_before_torchvision_creates_it(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def downloading(root, **kwargs):  # what torchvision does first with download=True
+        Path(root).mkdir(parents=True, exist_ok=True)
+        raise URLError("offline")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", downloading)
+    typo = tmp_path / "datsets"
+    with pytest.raises(UsageError, match=r"data.root .*datsets is not a folder"):
+        load_dataset(DataConfig(dataset="cifar10", root=str(typo)))
+    assert not typo.exists()
+
+
 def test_image_folder(tmp_path):
     colours = {"blue": (0, 0, 255), "red": (255, 0, 0)}
     for name, colour in colours.items():
