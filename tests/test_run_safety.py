@@ -228,9 +228,9 @@ def test_a_run_saved_before_a_key_existed_resumes(straight, tmp_path):
     del saved["objective"]["distill_weight"], saved["objective"]["distill_from"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     other = copy.deepcopy(TINY)
-    other["objective"]["distill_weight"] = 0.5
+    other["objective"]["num_train_timesteps"] = 500
     other["training"].update(output_dir=str(out), max_steps=7)
-    with pytest.raises(UsageError, match=r"other values of \['objective.distill_weight'\]"):
+    with pytest.raises(UsageError, match=r"other values of \['objective.num_train_timesteps'\]"):
         train(config_from_dict(other), resume="latest")
     assert train(tiny(out, max_steps=7), resume="latest").step == 7
 
