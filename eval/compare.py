@@ -1,8 +1,8 @@
 """``atdiff compare``: token mixers side by side, on equal terms, over training seeds, in one
 resumable report.
 
-Each entry is a config (trained here once per ``--seeds`` seed) or a run folder written by ``atdiff
-train`` (one seed). Every run is trained with the same preset overrides, sampled with the same
+Each entry is a config (trained here once per ``--seeds`` seed), a run folder written by ``atdiff
+train`` (one seed), or a run-folder pattern with ``{seed}`` in place of the seed (one finished run per seed). Every run is trained with the same preset overrides, sampled with the same
 ``SamplingConfig`` and scored against the same cached reference statistics. Work is split into
 stages whose results are stored under ``OUT/<entry>/seed-<s>/`` once complete, so an interrupted
 comparison resumes where it stopped:
@@ -123,7 +123,7 @@ class Entry:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("entries", nargs="+", metavar="CONFIG|RUN_DIR", help="configs to train (or train runs to reuse); KEY=VALUE items override config keys of every entry")
+    parser.add_argument("entries", nargs="+", metavar="CONFIG|RUN_DIR", help="configs to train, or finished train runs to reuse (a folder, or a pattern such as runs/student-{seed}: one run per --seeds seed); KEY=VALUE items override config keys of every entry")
     parser.add_argument("--out", required=True, help="comparison folder (resumed when it exists)")
     parser.add_argument("--preset", choices=PRESETS, default="quick", help="quick: CPU, ~1 hour per seed; full: GPU (default: quick)")
     # extend: `--seeds 0 1 --seeds 2` means 0 1 2, not just the last list (argparse's default for nargs)
@@ -178,14 +178,19 @@ def check_counts(args: argparse.Namespace, seeds: list[int]) -> None:
             raise UsageError(f"{flag} must be at least 1, got {value}")
 
 
+SEED_FIELD = "{seed}"  # in a run-folder entry: one finished run per training seed
+
+
 def resolve_entry(source: Path, out: Path, overrides: list[str], seeds: list[int]) -> Entry:
+    if SEED_FIELD in str(source):
+        return seeded_runs_entry(source, out, seeds)
     if source.is_dir():
-        config = source / "config.yaml"
-        if not (source / "model_index.json").is_file() or not config.is_file():
-            raise UsageError(f"{source} is not a finished `atdiff train` run (needs model_index.json and config.yaml)")
         if len(seeds) > 1:
-            raise UsageError(f"{source} is one finished run (one seed); --seeds {' '.join(map(str, seeds))} needs configs to train")
-        cfg = load_config(config)
+            raise UsageError(
+                f"{source} is one finished run (one seed); --seeds {' '.join(map(str, seeds))} needs configs to train, "
+                f"or a folder pattern with {SEED_FIELD} in place of the seed (e.g. runs/teacher-seed-{SEED_FIELD})"
+            )
+        cfg = finished_run_config(source)
         seed = cfg.training.seed
         return Entry(source.name, source, cfg, [Run(seed, source, out / source.name / f"seed-{seed}")], trained_here=False)
     if source.suffix not in (".yaml", ".yml") or not source.is_file():
@@ -193,6 +198,40 @@ def resolve_entry(source: Path, out: Path, overrides: list[str], seeds: list[int
     cfg = load_config(source, overrides)  # checked here, before any work
     runs = [Run(seed, out / source.stem / f"seed-{seed}" / "run", out / source.stem / f"seed-{seed}") for seed in seeds]
     return Entry(source.stem, source, cfg, runs, trained_here=True)
+
+
+def finished_run_config(folder: Path) -> ExperimentConfig:
+    if not (folder / "model_index.json").is_file() or not (folder / "config.yaml").is_file():
+        raise UsageError(f"{folder} is not a finished `atdiff train` run (needs model_index.json and config.yaml)")
+    return load_config(folder / "config.yaml")
+
+
+def seeded_runs_entry(pattern: Path, out: Path, seeds: list[int]) -> Entry:
+    """Runs finished elsewhere, one per seed (``runs/student-seed-{seed}``): how runs that compare cannot
+    train itself (each fine-tuned from its own seed's teacher, say) enter a comparison over seeds."""
+    runs, configs = [], []
+    name = seeded_entry_name(pattern)
+    for seed in seeds:
+        folder = Path(str(pattern).replace(SEED_FIELD, str(seed)))
+        cfg = finished_run_config(folder)
+        if cfg.training.seed != seed:  # seed i of every entry must form a pair
+            raise UsageError(f"{folder} was trained with training.seed={cfg.training.seed}, not {seed} as its name says")
+        configs.append(cfg)
+        runs.append(Run(seed, folder, out / name / f"seed-{seed}"))
+    return Entry(name, pattern, configs[0], runs, trained_here=False)
+
+
+def seeded_entry_name(pattern: Path) -> str:
+    """The entry's name: the pattern's first part holding the seed, without it (``teacher-seed-{seed}``:
+    ``teacher-seed``), or the folder above when nothing else is left (``distilled/seed-{seed}/run``: ``distilled``)."""
+    parts = pattern.parts
+    first = next(i for i, part in enumerate(parts) if SEED_FIELD in part)
+    name = parts[first].replace(SEED_FIELD, "").strip("-_. ")
+    if name in ("", "seed") and first > 0:
+        name = parts[first - 1]
+    if not name or name in (".", ".."):
+        raise UsageError(f"{pattern}: name the folder that holds the seeded runs (e.g. runs/teacher/seed-{SEED_FIELD})")
+    return name
 
 
 def pick_baseline(entries: list[Entry], name: str | None) -> str:

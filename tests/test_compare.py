@@ -113,6 +113,47 @@ def test_sibling_run_folders_are_scored_apart(tmp_path, monkeypatch):
     assert sorted(runs.rglob("*")) == before
 
 
+def parse_compare(*argv):
+    parser = argparse.ArgumentParser()
+    compare_module.add_arguments(parser)
+    return compare_module.settings_from_args(parser.parse_args([str(a) for a in argv]))
+
+
+def test_seed_patterns_enter_finished_runs_over_seeds(finished, tmp_path, capsys):
+    """Runs compare cannot train (each fine-tuned from its own seed's teacher) enter as a {seed} pattern."""
+    out = tmp_path / "out"
+    teachers = finished / "fashion-mnist-dit-t4-attention" / "seed-{seed}" / "run"
+    students = tmp_path / "students"
+    for seed in (0, 1):
+        shutil.copytree(finished / "fashion-mnist-dit-t4-atconv" / f"seed-{seed}" / "run", students / f"atconv-{seed}")
+    settings, _, entries = parse_compare(teachers, students / "atconv-{seed}", *SEEDS, "--out", out)
+    assert [e.name for e in entries] == ["fashion-mnist-dit-t4-attention", "atconv"]
+    assert settings.baseline == "fashion-mnist-dit-t4-attention" and settings.seeds == [0, 1]
+    for entry in entries:
+        assert not entry.trained_here and [r.seed for r in entry.runs] == [0, 1]
+        assert [r.results for r in entry.runs] == [out / entry.name / f"seed-{s}" for s in (0, 1)]
+    assert entries[1].runs[1].run_dir == students / "atconv-1"
+    # a folder whose run used another seed than its name says would pair the wrong runs
+    (students / "atconv-1").rename(students / "atconv-2")
+    shutil.copytree(students / "atconv-0", students / "atconv-1")
+    assert main(["compare", str(teachers), str(students / "atconv-{seed}"), *SEEDS, "--out", str(out)]) == 2
+    assert "atconv-1 was trained with training.seed=0, not 1" in capsys.readouterr().err
+    # a missing seed is named before any work; so is a plain run folder given several seeds
+    assert main(["compare", str(teachers), str(students / "atconv-{seed}"), "--seeds", "0", "1", "2", "--out", str(out)]) == 2
+    assert "seed-2/run is not a finished `atdiff train` run" in capsys.readouterr().err
+    assert main(["compare", str(teachers), str(students / "atconv-0"), *SEEDS, "--out", str(out)]) == 2
+    assert "or a folder pattern with {seed}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("pattern, name", [
+    ("runs/teacher-seed-{seed}", "teacher-seed"), ("runs/distilled/seed-{seed}/run", "distilled"),
+    ("runs/{seed}/hybrid", "runs"), ("out/{seed}_atconv", "atconv"),
+])
+def test_seed_pattern_entry_names(pattern, name):
+    assert compare_module.seeded_entry_name(Path(pattern)) == name
+
+
 @pytest.mark.slow  # ~20-40 s on 2 busy cores: two more compares' worth of sampling, FID and speed probes
 def test_run_folder_entries_keep_their_results_under_out(finished, tmp_path):
     """Two finished sibling runs: each entry's FID over training is its own, stored under --out."""
