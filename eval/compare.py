@@ -2,10 +2,11 @@
 resumable report.
 
 Each entry is a config (trained here once per ``--seeds`` seed), a run folder written by ``atdiff
-train`` (one seed), or a run-folder pattern with ``{seed}`` in place of the seed (one finished run per seed). Every run is trained with the same preset overrides, sampled with the same
-``SamplingConfig`` and scored against the same cached reference statistics. Work is split into
-stages whose results are stored under ``OUT/<entry>/seed-<s>/`` once complete, so an interrupted
-comparison resumes where it stopped:
+train`` (one seed), or a run-folder pattern with ``{seed}`` in place of the seed (one finished run per
+seed). Every run is trained with the same preset overrides, sampled with the same ``SamplingConfig``
+and scored against the same cached reference statistics. Work is split into stages whose results
+are stored under ``OUT/<entry>/seed-<s>/`` once complete, so an interrupted comparison resumes where
+it stopped:
 
     train (--jobs at a time) -> samples + FID -> FID over training -> sampling speed -> report
 
@@ -209,14 +210,13 @@ def finished_run_config(folder: Path) -> ExperimentConfig:
 def seeded_runs_entry(pattern: Path, out: Path, seeds: list[int]) -> Entry:
     """Runs finished elsewhere, one per seed (``runs/student-seed-{seed}``): how runs that compare cannot
     train itself (each fine-tuned from its own seed's teacher, say) enter a comparison over seeds."""
-    runs, configs = [], []
     name = seeded_entry_name(pattern)
+    runs, configs = [], []
     for seed in seeds:
         folder = Path(str(pattern).replace(SEED_FIELD, str(seed)))
-        cfg = finished_run_config(folder)
-        if cfg.training.seed != seed:  # seed i of every entry must form a pair
-            raise UsageError(f"{folder} was trained with training.seed={cfg.training.seed}, not {seed} as its name says")
-        configs.append(cfg)
+        configs.append(finished_run_config(folder))
+        if configs[-1].training.seed != seed:  # seed i of every entry must form a pair
+            raise UsageError(f"{folder} was trained with training.seed={configs[-1].training.seed}, not {seed} as its name says")
         runs.append(Run(seed, folder, out / name / f"seed-{seed}"))
     return Entry(name, pattern, configs[0], runs, trained_here=False)
 
