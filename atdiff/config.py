@@ -29,11 +29,14 @@ from .errors import UsageError, one_line
 from .objectives import ObjectiveConfig, build_objective
 from .pipelines import scheduler_by_name
 from .pipelines.schedulers import prediction_type_of
+from .settings import APPLIED, REFUSED, check_section, setting
 
 MODEL_TYPES = ("dit", "unet")
 # Trackers Accelerate can log to, plus "none".
 TRACKERS = tuple(t.value for t in LoggerType if t.value != "all") + ("none",)
 LR_SCHEDULES = tuple(s.value for s in SchedulerType if s.value != "piecewise_constant")
+MODEL_WHY = "the checkpoint holds this model's weights"
+BATCH_WHY = "the run's position in the data is counted in micro-batches of batch_size / gradient_accumulation_steps"
 
 
 @dataclass
@@ -44,10 +47,10 @@ class ModelConfig:
     model: its config is the base the other keys override (e.g. ``token_mixer: atconv``), and every
     weight that still fits is copied (see ``atdiff.models.conversion``)."""
 
-    type: Literal["dit", "unet"] = "dit"
-    size: str | None = None
-    init_from: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    type: Literal["dit", "unet"] = setting("dit", on_resume=REFUSED, why=MODEL_WHY)
+    size: str | None = setting(None, on_resume=REFUSED, why=MODEL_WHY)
+    init_from: str | None = setting(None, on_resume=REFUSED, why="the run's weights started from this model")
+    kwargs: dict[str, Any] = setting(default_factory=dict, on_resume=REFUSED, why=MODEL_WHY)  # every other model.* key
 
     @property
     def model_class(self) -> type[ModelMixin]:
@@ -80,41 +83,53 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    output_dir: str | None = None  # default: outputs/<config file name>
-    seed: int = 0
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 64  # images per optimizer step, over all processes and accumulation steps
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant_with_warmup"  # a diffusers.optimization schedule
-    lr_warmup_steps: int = 0
-    weight_decay: float = 0.0  # ATConv's difference_control never takes any
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float | None = 1.0  # null: no clipping
+    """How the model is trained. On resume (``--resume``) most keys may change and apply from the
+    resumed step on (``atdiff.training.resume``); those that would make the checkpoint's state mean
+    something else are refused."""
+
+    # default: outputs/<config file name>
+    output_dir: str | None = setting(None, on_resume=APPLIED)
+    seed: int = setting(0, on_resume=REFUSED, range="[0, 4294967295]",  # numpy's seed range: Accelerate's set_seed seeds numpy too
+                        why="the data order and the checkpoint's random streams come from this seed; another seed is a new run")
+    # optimizer steps; on resume at least the checkpoint's step
+    max_steps: int = setting(1000, on_resume=APPLIED, range="[1, inf)")
+    # images per optimizer step, over all processes and accumulation steps
+    batch_size: int = setting(64, on_resume=REFUSED, range="[1, inf)", why=BATCH_WHY)
+    gradient_accumulation_steps: int = setting(1, on_resume=REFUSED, range="[1, inf)", why=BATCH_WHY)
+    # The LR schedule is a function of the step: on resume the rate of step s is what these keys give at s.
+    learning_rate: float = setting(1e-4, on_resume=APPLIED, range="(0, inf)")
+    lr_scheduler: str = setting("constant_with_warmup", on_resume=APPLIED)  # a diffusers.optimization schedule
+    lr_warmup_steps: int = setting(0, on_resume=APPLIED, range="[0, inf)")
+    weight_decay: float = setting(0.0, on_resume=APPLIED, range="[0, inf)")  # ATConv's difference_control never takes any
+    adam_beta1: float = setting(0.9, on_resume=APPLIED, range="[0, 1)")
+    adam_beta2: float = setting(0.999, on_resume=APPLIED, range="[0, 1)")
+    # 0 would zero every update, a negative norm flips it uphill
+    max_grad_norm: float | None = setting(1.0, on_resume=APPLIED, range="(0, inf)", null="no clipping")
     # Steps whose loss or gradients are not finite are never applied; up to this many over the run
     # are skipped (each logged), one more stops the run (0: stop at the first).
-    max_skipped_steps: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_skipped_steps: int = setting(0, on_resume=APPLIED, range="[0, inf)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", on_resume=APPLIED)
     # EMA decay warms up as 1 - (1 + step)^-ema_power up to ema_decay (diffusers' EMAModel): 3/4
     # suits runs under ~100k steps, 2/3 million-step runs.
-    ema_decay: float = 0.9999
-    ema_power: float = 0.75
-    sample_every: int = 0  # steps between EMA sample grids (0: only at the end)
-    num_sample_images: int = 64
+    ema_decay: float = setting(0.9999, on_resume=APPLIED, range="[0, 1]")
+    ema_power: float = setting(0.75, on_resume=APPLIED, range="(0, inf)")
+    sample_every: int = setting(0, on_resume=APPLIED, range="[0, inf)")  # steps between EMA sample grids (0: only at the end)
+    num_sample_images: int = setting(64, on_resume=APPLIED, range="[1, inf)")
     # FID and KID of the EMA weights every eval_every steps (0: never), eval_num_images samples drawn
     # as the `sampling` section says, against eval_num_real images of the data (a seeded subset;
     # null: all), whose statistics are cached.
-    eval_every: int = 0
-    eval_num_images: int = 1000
-    eval_num_real: int | None = None
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end and on Ctrl-C)
-    checkpoints_total_limit: int | None = 2  # keep the newest K checkpoints (null: all)
-    log_every: int = 10  # steps between tracker logs
-    log_with: str = "tensorboard"  # an Accelerate tracker, or "none"
+    eval_every: int = setting(0, on_resume=APPLIED, range="[0, inf)")
+    eval_num_images: int = setting(1000, on_resume=APPLIED, range="[2, inf)")  # FID needs a covariance
+    eval_num_real: int | None = setting(None, on_resume=APPLIED, range="[2, inf)", null="the whole split")
+    # steps between checkpoints (0: only at the end and on Ctrl-C)
+    checkpoint_every: int = setting(0, on_resume=APPLIED, range="[0, inf)")
+    # keep the newest K checkpoints (null: all), and the last one from before a loss spike
+    checkpoints_total_limit: int | None = setting(2, on_resume=APPLIED, range="[1, inf)", null="keep all")
+    log_every: int = setting(10, on_resume=APPLIED, range="[1, inf)")  # steps between tracker logs
+    log_with: str = setting("tensorboard", on_resume=APPLIED)  # an Accelerate tracker, or "none"
     # Time data/forward/backward/optimizer separately. Free on the CPU (always on there); on CUDA it
     # synchronises the device at each phase, which slows training a little.
-    profile: bool = False
+    profile: bool = setting(False, on_resume=APPLIED)
 
 
 @dataclass
@@ -124,13 +139,17 @@ class SamplingConfig:
     The config's ``sampling`` section (training's sample grids and evals, and the defaults of
     ``atdiff sample RUN`` / ``atdiff fid ... RUN``) and the sampling flags of ``sample``, ``fid`` and
     ``compare`` (``atdiff.sampling.add_sampling_arguments``) all fill this. Field names are those of ``ImageDiffusionPipeline.__call__``.
+    On resume every key applies to the grids and evals from the resumed step on.
     """
 
-    scheduler: str | None = None  # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the model's own
-    num_inference_steps: int = 50
-    guidance_scale: float = 1.0
-    guidance_channels: int | None = None  # guide only the first N channels (DiT/SiT's 3); null: all
-    seed: int = 0  # image i's noise depends only on (seed, i)
+    # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the model's own
+    scheduler: str | None = setting(None, on_resume=APPLIED)
+    num_inference_steps: int = setting(50, on_resume=APPLIED, range="[1, inf)")
+    guidance_scale: float = setting(1.0, on_resume=APPLIED, range="(-inf, inf)")
+    # guide only the first N channels (DiT/SiT's 3); null: all
+    guidance_channels: int | None = setting(None, on_resume=APPLIED, range="[1, inf)", null="all channels")
+    # image i's noise depends only on (seed, i); torch generators take seeds below 2**64
+    seed: int = setting(0, on_resume=APPLIED, range="[0, 18446744073709551615]")
 
 
 @dataclass
@@ -349,77 +368,11 @@ def init_type_hints(cls: type) -> dict[str, Any]:
         return {}
 
 
-# The range of every numeric key, as an interval; a key that may be null (off) says so in NULL_MEANS.
-# inf bounds are open, so inf and nan are refused everywhere.
-RANGES: dict[str, str] = {
-    "training.seed": "[0, 4294967295]",  # numpy's seed range: Accelerate's set_seed seeds numpy too
-    "training.max_steps": "[1, inf)",
-    "training.batch_size": "[1, inf)",
-    "training.gradient_accumulation_steps": "[1, inf)",
-    "training.learning_rate": "(0, inf)",
-    "training.lr_warmup_steps": "[0, inf)",
-    "training.weight_decay": "[0, inf)",
-    "training.adam_beta1": "[0, 1)",
-    "training.adam_beta2": "[0, 1)",
-    "training.max_grad_norm": "(0, inf)",  # 0 would zero every update, a negative norm flips it uphill
-    "training.max_skipped_steps": "[0, inf)",
-    "training.ema_decay": "[0, 1]",
-    "training.ema_power": "(0, inf)",
-    "training.sample_every": "[0, inf)",
-    "training.num_sample_images": "[1, inf)",
-    "training.checkpoint_every": "[0, inf)",
-    "training.eval_every": "[0, inf)",
-    "training.eval_num_images": "[2, inf)",  # FID needs a covariance
-    "training.eval_num_real": "[2, inf)",
-    "training.checkpoints_total_limit": "[1, inf)",
-    "training.log_every": "[1, inf)",
-    "objective.num_train_timesteps": "[1, inf)",
-    "objective.distill_weight": "(0, 1]",
-    "data.resolution": "[1, inf)",
-    "data.num_workers": "[0, inf)",
-    "sampling.num_inference_steps": "[1, inf)",
-    "sampling.guidance_scale": "(-inf, inf)",
-    "sampling.guidance_channels": "[1, inf)",
-    "sampling.seed": "[0, inf)",
-}
-NULL_MEANS = {
-    "training.max_grad_norm": "no clipping",
-    "training.checkpoints_total_limit": "keep all",
-    "training.eval_num_real": "the whole split",
-    "sampling.guidance_channels": "all channels",
-}
-
-
-def in_interval(value: float, interval: str) -> bool:
-    low, high = (float(bound) for bound in interval[1:-1].split(","))
-    above = value >= low if interval[0] == "[" else value > low
-    below = value <= high if interval[-1] == "]" else value < high
-    return above and below
-
-
-def described(interval: str) -> str:
-    low, high = interval[1:-1].split(", ")
-    if high != "inf":
-        return f"in {interval}"
-    if low == "-inf":
-        return "a finite number"
-    return f"at least {low}" if interval[0] == "[" else f"greater than {low}"
-
-
-def check_ranges(cfg: ExperimentConfig) -> None:
-    for key, interval in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value is None and key in NULL_MEANS:
-            continue
-        if not in_interval(value, interval):
-            null = f" (or null: {NULL_MEANS[key]})" if key in NULL_MEANS else ""
-            raise UsageError(f"{key} must be {described(interval)}{null}, got {value}")
-
-
 def check_values(cfg: ExperimentConfig) -> None:
-    """Ranges, and checks across keys that types alone do not express."""
-    check_ranges(cfg)
+    """Each key's declared range and applicability, and checks across sections that types alone do not express."""
+    for section in SECTIONS:
+        if section != "model":  # model keys are the model class's arguments: it checks them (check_model)
+            check_section(section, getattr(cfg, section))
     t, d = cfg.training, cfg.data
     if t.batch_size % t.gradient_accumulation_steps:
         raise UsageError(
@@ -466,11 +419,6 @@ def check_values(cfg: ExperimentConfig) -> None:
     check_time_convention(cfg, model)
     if cfg.objective.distill_from:
         check_teacher(cfg, model)
-    elif cfg.objective.distill_weight != ObjectiveConfig.distill_weight:
-        raise UsageError(
-            f"objective.distill_weight={cfg.objective.distill_weight} weighs a distillation loss, but objective.distill_from "
-            f"names no teacher; set objective.distill_from to the teacher's pipeline folder, or drop the weight"
-        )
     check_model(cfg.model)
 
 

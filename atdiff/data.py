@@ -24,6 +24,7 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .errors import UsageError
+from .settings import APPLIED, REFUSED, setting
 
 DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "imagefolder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
@@ -32,29 +33,36 @@ ResizeMode = Literal["pad", "center_crop", "adm_center_crop"]
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 DOWNLOAD_DIR = "~/.cache/atdiff/datasets"  # where torchvision datasets are downloaded and cached
 NATURAL_CHANNELS = {"fashion-mnist": 1, "mnist": 1, "cifar10": 3, "imagefolder": 3}
+DATA_WHY = "the run resumes at its position in the data it trained on, which this key defines"
+FOLDER_WHY = "another folder may hold other data, so the run's position in it would mean nothing (move the data back, or link it there)"
 
 
 @dataclass
 class DataConfig:
     """Which images, at what size. ``DataConfig(dataset=..., split=..., resolution=...)`` is enough."""
 
-    dataset: DatasetName = "fashion-mnist"
-    split: Literal["train", "test"] = "train"
-    resolution: int = 32
-    root: str | None = None  # default: FASHION_MNIST_DIR, DOWNLOAD_DIR; required for imagefolder
-    channels: int | None = None  # 1 or 3; default: the dataset's own (1 for the MNISTs, 3 otherwise)
+    dataset: DatasetName = setting("fashion-mnist", on_resume=REFUSED, why=DATA_WHY)
+    split: Literal["train", "test"] = setting("train", on_resume=REFUSED, why=DATA_WHY)
+    resolution: int = setting(32, on_resume=REFUSED, why=DATA_WHY, range="[1, inf)")
+    # default: FASHION_MNIST_DIR, DOWNLOAD_DIR; required for imagefolder
+    root: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY)
+    # 1 or 3; default: the dataset's own (1 for the MNISTs, 3 otherwise)
+    channels: int | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
     # pad: keep the pixels, zero-pad (or center-crop) to the resolution (28 -> 32 for the MNISTs);
     # center_crop: scale the short side to the resolution, then center-crop;
     # adm_center_crop: ADM's (and DiT/SiT's) exact crop: box-halve while the short side is at least
     # twice the resolution, bicubic-resize it to the resolution, center-crop (PIL, as theirs).
-    resize_mode: ResizeMode = "pad"
-    random_flip: bool = False  # horizontal; applied to batches by the training loop
-    num_workers: int = 0  # in-memory datasets need none; ImageFolder decodes files and wants some
+    resize_mode: ResizeMode = setting("pad", on_resume=REFUSED, why=DATA_WHY)
+    # horizontal; applied to batches by the training loop
+    random_flip: bool = setting(False, on_resume=REFUSED, why="the flips draw from the RNG stream the checkpoint restores; another setting shifts every draw after it")
+    # in-memory datasets need none; ImageFolder decodes files and wants some. The batches do not
+    # depend on it (the order comes from the sampler's own generator).
+    num_workers: int = setting(0, on_resume=APPLIED, range="[0, inf)")
     # Latent diffusion: a diffusers AutoencoderKL (folder or hub id); training then reads the latent
     # store `atdiff encode` writes (atdiff.latents), in latent_dir (default: under the cache dir).
-    vae: str | None = None
-    vae_subfolder: str | None = None
-    latent_dir: str | None = None
+    vae: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
+    vae_subfolder: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
+    latent_dir: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY)
 
     @property
     def num_channels(self) -> int:

@@ -23,23 +23,28 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from .settings import REFUSED, SET, setting
+
 ObjectiveName = Literal["flow_matching", "ddpm"]
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
+OBJECTIVE_WHY = "the checkpoint's weights were trained for this objective; another one is a new run (e.g. model.init_from a finished run's folder)"
 
 
 @dataclass
 class ObjectiveConfig:
-    type: ObjectiveName = "flow_matching"
-    num_train_timesteps: int = 1000
+    type: ObjectiveName = setting("flow_matching", on_resume=REFUSED, why=OBJECTIVE_WHY)
+    num_train_timesteps: int = setting(1000, on_resume=REFUSED, why=OBJECTIVE_WHY, range="[1, inf)")
     # flow_matching: how sigma is drawn; "uniform" is SiT's, "logit_normal" SD3's
-    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
-    # ddpm only
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    timestep_sampling: Literal["uniform", "logit_normal"] = setting(
+        "uniform", on_resume=REFUSED, why=OBJECTIVE_WHY, applies_if=("type", ("flow_matching",)))
+    prediction_type: Literal["epsilon", "v_prediction"] = setting(
+        "epsilon", on_resume=REFUSED, why=OBJECTIVE_WHY, applies_if=("type", ("ddpm",)))
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = setting(
+        "linear", on_resume=REFUSED, why=OBJECTIVE_WHY, applies_if=("type", ("ddpm",)))
     # Distillation: match this pipeline folder's (frozen) model at the same noisy inputs and times;
     # the loss is (1 - distill_weight) * the objective's own + distill_weight * the teacher-matching one.
-    distill_from: str | None = None
-    distill_weight: float = 1.0
+    distill_from: str | None = setting(None, on_resume=REFUSED, why=OBJECTIVE_WHY)
+    distill_weight: float = setting(1.0, on_resume=REFUSED, why=OBJECTIVE_WHY, range="(0, 1]", applies_if=("distill_from", SET))
 
 
 def build_objective(cfg: ObjectiveConfig) -> Objective:

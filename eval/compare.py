@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-from atdiff.config import RANGES, ExperimentConfig, SamplingConfig, flat_config, load_config
+from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, flat_config, load_config
 from atdiff.errors import UsageError
 from atdiff.files import check_writable, write_atomic
+from atdiff.settings import bounds, rule_of
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.sampling import (
     SampleRecord,
@@ -167,7 +168,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
 
 def check_counts(args: argparse.Namespace, seeds: list[int]) -> None:
     """Numbers that would otherwise fail only after training (a final FID of one image) or inside it."""
-    low, high = (int(bound) for bound in RANGES["training.seed"][1:-1].split(", "))
+    low, high = bounds(rule_of(TrainingConfig, "seed").range)
     for seed in seeds:
         if not low <= seed <= high:
             raise UsageError(f"--seeds: a training seed must be in [{low}, {high}], got {seed}")

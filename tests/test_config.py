@@ -11,7 +11,8 @@ import yaml
 
 from atdiff import DiTModel, MixerUNet2DModel
 from atdiff.cli import main
-from atdiff.config import RANGES, SECTIONS, ExperimentConfig, build_model, config_from_dict, load_config
+from atdiff.config import SECTIONS, ExperimentConfig, build_model, config_from_dict, load_config
+from atdiff.settings import APPLIED, REFUSED, rule_of
 from atdiff.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -164,6 +165,25 @@ def test_unet_constructor_errors_are_found_at_load():
 # ------------------------------------------------------------------------------------------------
 
 
+def section_classes() -> dict[str, type]:
+    return {section: type(getattr(ExperimentConfig(), section)) for section in SECTIONS}
+
+
+def ranges() -> dict[str, str]:
+    """Every declared range, as ``{"section.key": interval}``."""
+    return {f"{section}.{f.name}": rule_of(cls, f.name).range for section, cls in section_classes().items()
+            for f in dataclasses.fields(cls) if rule_of(cls, f.name).range}
+
+
+def test_every_key_declares_what_a_resume_does_with_it():
+    """A key added without a rule fails here (and at its first use: atdiff.settings.rule_of)."""
+    for section, cls in section_classes().items():
+        for f in dataclasses.fields(cls):
+            rule = rule_of(cls, f.name)
+            assert rule.on_resume in (APPLIED, REFUSED), f"{section}.{f.name}"
+            assert bool(rule.why) == (rule.on_resume == REFUSED), f"{section}.{f.name}: a refusal says why"
+
+
 def numeric_keys() -> list[str]:
     keys = []
     for section in SECTIONS:
@@ -175,7 +195,7 @@ def numeric_keys() -> list[str]:
 
 
 def test_every_numeric_key_has_a_range():
-    assert set(numeric_keys()) - set(RANGES) == {"data.channels"}  # a choice of 1, 3 or null, tested above
+    assert set(numeric_keys()) - set(ranges()) == {"data.channels"}  # a choice of 1, 3 or null, tested above
 
 
 BAD_VALUES = [
@@ -189,7 +209,7 @@ BAD_VALUES = [
     ("objective.num_train_timesteps", 0), ("objective.distill_weight", 0), ("objective.distill_weight", 1.5),
     ("data.resolution", -32), ("data.num_workers", -1),
     ("sampling.num_inference_steps", 0), ("sampling.guidance_scale", float("nan")), ("sampling.guidance_channels", 0),
-    ("sampling.seed", -1), ("training.eval_every", -1), ("training.eval_num_images", 1), ("training.eval_num_real", 1),
+    ("sampling.seed", -1), ("sampling.seed", 2**64), ("training.eval_every", -1), ("training.eval_num_images", 1), ("training.eval_num_real", 1),
 ]
 
 
@@ -201,7 +221,7 @@ def test_out_of_range_value_names_the_key_and_range(key, value):
 
 
 def test_every_range_is_tested():
-    assert {key for key, _ in BAD_VALUES} == set(RANGES)
+    assert {key for key, _ in BAD_VALUES} == set(ranges())
 
 
 def test_null_means_off_where_documented():

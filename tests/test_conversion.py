@@ -176,7 +176,7 @@ def test_distillation_config_errors(teacher_dir, tmp_path):
         config(None, "atconv", {"distill_from": str(tmp_path)})
     with pytest.raises(UsageError, match=r"objective.distill_weight must be in \(0, 1\]"):
         config(None, "atconv", {"distill_from": str(teacher_dir), "distill_weight": 0})
-    with pytest.raises(UsageError, match="objective.distill_from names no teacher"):
+    with pytest.raises(UsageError, match=r"objective.distill_weight=0.5 does nothing with objective.distill_from=null \(it applies only with objective.distill_from set\)"):
         config(None, "atconv", {"distill_weight": 0.5})
     raw = config(None, "atconv").to_dict()
     raw["objective"] = {"type": "ddpm", "distill_from": str(teacher_dir)}

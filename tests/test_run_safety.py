@@ -63,8 +63,8 @@ def all_finite(tensors) -> bool:
 def test_a_checkpoint_holds_no_pickle_and_a_manifest_of_every_file(straight):
     folder = straight[0] / "checkpoint-6"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["ema.safetensors", "manifest.json", "model.safetensors", "optimizer.safetensors",
-                     "progress.json", "rng-0.safetensors", "scheduler.safetensors"]
+    assert names == ["config.yaml", "config_history.json", "ema.safetensors", "manifest.json", "model.safetensors",
+                     "optimizer.safetensors", "progress.json", "rng-0.safetensors", "scheduler.safetensors"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(manifest["files"]) == [n for n in names if n != "manifest.json"] and manifest["step"] == 6
     assert json.loads((folder / "progress.json").read_text()) == {"step": 6, "images_seen": 48, "skipped_steps": 0}
@@ -215,7 +215,8 @@ def test_an_abandoned_checkpoint_is_checked_against_its_runs_config(straight, tm
     other = copy.deepcopy(TINY)
     other["objective"]["type"] = "ddpm"
     other["training"]["output_dir"] = str(tmp_path / "fork")
-    with pytest.raises(UsageError, match=r"other values of \['objective.type'\]"):
+    with pytest.raises(UsageError, match=r"objective.type was 'flow_matching' there and is 'ddpm' now; the checkpoint's weights "
+                                         r"were trained for this objective.*Resume with objective.type=flow_matching"):
         train(config_from_dict(other), resume=str(abandoned))
     assert checkpoint.pipeline_at_checkpoint(abandoned).num_classes == 10
 
@@ -224,15 +225,24 @@ def test_a_run_saved_before_a_key_existed_resumes(straight, tmp_path):
     """Keys added to atdiff since a run was saved compare at their defaults: a run of an older atdiff
     (here: before objective.distill_weight) still resumes, and a real change is still refused."""
     out = copy_run(straight[0], tmp_path)
+    as_written_before_records(out / "checkpoint-6")
     saved = yaml.safe_load((out / "config.yaml").read_text())
     del saved["objective"]["distill_weight"], saved["objective"]["distill_from"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     other = copy.deepcopy(TINY)
     other["objective"]["num_train_timesteps"] = 500
     other["training"].update(output_dir=str(out), max_steps=7)
-    with pytest.raises(UsageError, match=r"other values of \['objective.num_train_timesteps'\]"):
+    with pytest.raises(UsageError, match=r"objective.num_train_timesteps was 1000 there and is 500 now"):
         train(config_from_dict(other), resume="latest")
     assert train(tiny(out, max_steps=7), resume="latest").step == 7
+
+
+def as_written_before_records(folder: Path) -> None:
+    """Make a checkpoint one of an atdiff that kept no config record in checkpoints (its manifest rewritten)."""
+    for name in ("config.yaml", "config_history.json"):
+        (folder / name).unlink()
+    checkpoint.write_manifest(folder, checkpoint.checkpoint_step(folder))
+    verify(folder)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 - ``loop``: ``train()`` and the ``Trainer`` (the Accelerate loop; knows no model class),
 - ``checkpoint``: checkpoint folders (list, find, save, load; a pipeline at a checkpoint),
-- ``run_dir``: the output folder (checks, ``config.yaml``, the final pipeline folder),
+- ``optim``: AdamW, the LR schedule and the EMA from the config (also written into restored state),
+- ``resume``: what a resume may change (each key's rule) and the record of what was in effect,
+- ``run_dir``: the output folder (checks, lock, record files, the final pipeline folder),
 - ``tensor_tree``: state dicts (optimizer, LR schedule, EMA, RNG) as pickle-free safetensors,
 - ``timing``: step timer and the run's wall clock (memory figures: ``atdiff.memory``),
 - ``cli``: ``atdiff train``.

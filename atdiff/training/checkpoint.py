@@ -9,6 +9,8 @@ A checkpoint folder holds::
     scaler.safetensors       fp16 GradScaler state (only when there is one)
     rng-<rank>.safetensors   python, numpy, torch and CUDA RNG states of each process
     progress.json            step, images drawn (the data position), skipped steps
+    config.yaml, config_history.json
+                             the record of the settings it was trained with (``atdiff.training.resume``)
     manifest.json            written last: each file above with its size and sha256
 
 Nothing in it is unpickled (Accelerate's ``save_state`` pickles RNG and custom states and loads
@@ -187,10 +189,11 @@ def read_progress(checkpoint: Path) -> Progress:
 # ------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingState, progress: Progress, keep: int | None) -> Path:
-    """Write ``checkpoint-<step>`` (every process its RNG states, the main process the rest), then
-    keep the newest ``keep`` (all with None). Pruning happens after the rename, so a kill at any
-    point leaves at least one complete checkpoint."""
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingState, progress: Progress, keep: int | None,
+                    record: dict[str, str], protect: Path | None = None) -> Path:
+    """Write ``checkpoint-<step>`` (every process its RNG states, the main process the rest and the
+    ``record`` files, name -> text), then keep the newest ``keep`` (all with None) and ``protect``.
+    Pruning happens after the rename, so a kill at any point leaves at least one complete checkpoint."""
     acc = accelerator
     final = output_dir / f"checkpoint-{progress.step}"
     partial = temp_path(final)
@@ -207,6 +210,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
         if state.scaler is not None:
             save_tree(partial / "scaler.safetensors", state.scaler.state_dict())
         (partial / PROGRESS).write_text(json.dumps(asdict(progress), indent=2) + "\n")
+        for name, text in record.items():
+            (partial / name).write_text(text)
     save_tree(partial / f"rng-{acc.process_index}.safetensors", rng_states())
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -217,7 +222,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
         # A linked checkpoint folder is someone else's: atdiff counts and deletes only those it wrote.
         written = [path for _, path in list_checkpoints(output_dir) if not path.is_symlink()]
         for old in written[:-keep] if keep else []:
-            shutil.rmtree(old)
+            if old != protect:
+                shutil.rmtree(old)
     acc.wait_for_everyone()
     return final
 
@@ -284,13 +290,28 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
 # ------------------------------------------------------------------------------------------------
 
 
-def make_head(output_dir: Path, step: int) -> None:
-    """Resuming from ``step``: move the run's later checkpoints aside, so that ``--resume latest``
-    never picks a checkpoint of the abandoned line."""
-    for later_step, path in list_checkpoints(output_dir):
-        if later_step > step:
-            moved = move_aside(path)
-            print(f"resuming from step {step}: moved the later {path.name} to {moved}", file=sys.stderr, flush=True)
+STEP_FILE = re.compile(r"step-(\d+)\.\w+")  # an output made at a step: samples/step-0000040.png, evals/step-40.json
+
+
+def make_head(output_dir: Path, step: int, step_folders: tuple[str, ...] = ()) -> None:
+    """Resuming from ``step``: move the run's later checkpoints, and the later outputs in
+    ``step_folders`` (``step-<N>.*`` files: sample grids, evals), aside together, so that
+    ``--resume latest`` never picks a checkpoint of the abandoned line and no output of it is
+    reused or taken for one of the new line."""
+    later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
+    for folder in step_folders:
+        if (output_dir / folder).is_dir() and not (output_dir / folder).is_symlink():
+            later += [p for p in sorted((output_dir / folder).iterdir())
+                      if (m := STEP_FILE.fullmatch(p.name)) and int(m.group(1)) > step and not p.is_symlink()]
+    if not later:
+        return
+    target = abandoned_folder(output_dir)
+    for path in later:
+        moved = target / path.relative_to(output_dir)
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, moved)
+    print(f"resuming from step {step}: moved the later {', '.join(str(p.relative_to(output_dir)) for p in later)} to {target}",
+          file=sys.stderr, flush=True)
 
 
 def run_folder_of(checkpoint: Path) -> Path:
@@ -302,11 +323,17 @@ def run_folder_of(checkpoint: Path) -> Path:
 def move_aside(path: Path) -> Path:
     """Move a checkpoint to ``output_dir/abandoned/atdiff-<UTC time>/``, keeping its name, so that it
     can still be resumed with ``--resume PATH``."""
-    stamp, n = time.strftime("%Y%m%dT%H%M%S", time.gmtime()), 0
-    while (target := path.parent / ABANDONED / f"atdiff-{stamp}{f'-{n}' if n else ''}" / path.name).exists():
-        n += 1
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = abandoned_folder(path.parent) / path.name
     os.replace(path, target)
+    return target
+
+
+def abandoned_folder(output_dir: Path) -> Path:
+    """A new ``output_dir/abandoned/atdiff-<UTC time>[-n]/`` folder."""
+    stamp, n = time.strftime("%Y%m%dT%H%M%S", time.gmtime()), 0
+    while (target := output_dir / ABANDONED / f"atdiff-{stamp}{f'-{n}' if n else ''}").exists():
+        n += 1
+    target.mkdir(parents=True)
     return target
 
 
@@ -322,7 +349,8 @@ def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
         verify(checkpoint)
     except CheckpointError as err:
         raise UsageError(f"{checkpoint}: {err}") from None
-    cfg = load_config(run_folder_of(checkpoint) / "config.yaml")
+    own = checkpoint / "config.yaml"  # the config it was trained with (atdiff.training.resume); older ones: the run's
+    cfg = load_config(own if own.is_file() else run_folder_of(checkpoint) / "config.yaml")
     model = new_model(cfg.model)  # every parameter comes from the EMA: no model.init_from weights to copy
     ema = EMAModel(model.parameters())
     ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))

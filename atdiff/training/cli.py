@@ -6,7 +6,10 @@ import argparse
 import json
 import shlex
 
+import yaml
+
 from ..config import load_config
+from ..errors import UsageError
 from ..latents import MissingLatents
 from .loop import TrainingDiverged, train
 
@@ -34,8 +37,9 @@ FLAG_KEYS = {
 
 
 def run(args: argparse.Namespace) -> int:
-    flags = [f"{key}={json.dumps(getattr(args, name))}" for name, key in FLAG_KEYS.items() if getattr(args, name) is not None]
-    cfg = load_config(args.config, [*args.overrides, *flags])
+    flags = {key: getattr(args, name) for name, key in FLAG_KEYS.items() if getattr(args, name) is not None}
+    check_no_conflicts(flags, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(f"{key}={json.dumps(value)}" for key, value in flags.items())])
     try:
         result = train(cfg, resume=args.resume)
     except MissingLatents as err:
@@ -44,3 +48,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"atdiff train: error: {err}", flush=True)
         return 1
     return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def check_no_conflicts(flags: dict[str, object], overrides: list[str]) -> None:
+    """A flag and a KEY=VALUE for the same key must agree: neither silently wins."""
+    for override in overrides:
+        key, _, text = override.partition("=")
+        if key.strip() in flags:
+            flag = "--" + next(name for name, k in FLAG_KEYS.items() if k == key.strip()).replace("_", "-")
+            try:
+                same = yaml.safe_load(text) == flags[key.strip()]
+            except yaml.YAMLError:
+                same = False
+            if not same:
+                raise UsageError(f"{flag} {flags[key.strip()]} and {override} both set {key.strip()}; give it once")

@@ -24,6 +24,7 @@ import math
 import signal
 import statistics
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -34,8 +35,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import AutoencoderKL, DiffusionPipeline
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
@@ -49,9 +48,10 @@ from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import Objective, build_objective
 from ..pipelines import ImageDiffusionPipeline, num_classes_of
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
+from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
+from .resume import Resume, check_resume, record_files
 from .run_dir import (
     check_output_dir,
-    check_same_setup,
     is_output_dir_error,
     output_dir_error,
     prepare_output_dir,
@@ -82,6 +82,9 @@ class ModelInterface:
     augment: Callable[[torch.Tensor], torch.Tensor] | None  # applied to each batch of images on the device
     make_pipeline: Callable[[torch.nn.Module], DiffusionPipeline]  # the bare model -> sample grids, final folder
 
+
+# Run-folder subfolders of outputs made at a step (step-<N>.*), moved aside with an abandoned line.
+STEP_OUTPUTS = ("samples", "evals")
 
 # Accelerate's switches (set by `accelerate launch` from `accelerate config`) for engines that shard
 # the model and optimizer over processes.
@@ -168,8 +171,8 @@ def start_training(
     # Every process verifies on its own (reading each file once more) and reaches the same choice,
     # so a refusal stops them all rather than leaving some waiting for a broadcast.
     resume_from = find_checkpoint(output_dir, resume, verbose=accelerator.is_main_process)
-    if resume_from is not None:
-        check_same_setup(resume_from, cfg)
+    # What this run changes is checked (and refused) before anything is built or written.
+    resumed = check_resume(resume_from, cfg) if resume_from is not None else Resume(step=0)
 
     # Same initial weights everywhere (DDP also broadcasts them), then per-process noise streams.
     set_seed(tcfg.seed)
@@ -179,20 +182,18 @@ def start_training(
     objective.prepare(accelerator)  # e.g. a distillation teacher: onto the device, under the same autocast
     interface = model_interface(model, dataset, objective, cfg, vae)
 
-    ema = EMAModel(model.parameters(), decay=tcfg.ema_decay, use_ema_warmup=True, power=tcfg.ema_power, foreach=True)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, tcfg.weight_decay), lr=tcfg.learning_rate, betas=(tcfg.adam_beta1, tcfg.adam_beta2)
-    )
-    lr_scheduler = get_scheduler(
-        tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.lr_warmup_steps, num_training_steps=tcfg.max_steps
-    )
+    ema = make_ema(model, tcfg)
+    optimizer = make_optimizer(model, tcfg)
+    lr_scheduler = make_lr_scheduler(optimizer, tcfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     state = TrainingState(accelerator.unwrap_model(model), ema, optimizer, lr_scheduler, accelerator.scaler)
 
     progress = Progress()
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from, state)
-        accelerator.print(f"resumed from {resume_from} (step {progress.step})")
+        apply_settings(optimizer, lr_scheduler, ema, tcfg)  # the config's values, not the checkpoint's
+        changed = resumed.history[-1]["changed"] if resumed.history and resumed.history[-1]["step"] == resumed.step else {}
+        accelerator.print(f"resumed from {resume_from} (step {progress.step})" + (f"; from now on {describe_changes(changed)}" if changed else ""))
     ema.to(accelerator.device)
 
     micro_batch = tcfg.batch_size // tcfg.gradient_accumulation_steps  # images per micro-step, all processes
@@ -220,11 +221,25 @@ def start_training(
     carried_clock = previous_wall_clock(output_dir, progress.step) if resume_from is not None else None
     accelerator.wait_for_everyone()  # every process has read its checkpoint before the folder changes
     if accelerator.is_main_process:
-        prepare_output_dir(output_dir, cfg)
-        make_head(output_dir, progress.step)
-        accelerator.init_trackers("atdiff", config=flat_config(cfg))
-    trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=evaluator, carried_clock=carried_clock)
+        prepare_output_dir(output_dir, record_files(cfg, resumed.history))
+        make_head(output_dir, progress.step, STEP_OUTPUTS)
+        # TensorBoard hides what an abandoned line logged after the resumed step.
+        purge = {"tensorboard": {"purge_step": progress.step + 1}} if resume_from is not None else {}
+        accelerator.init_trackers("atdiff", config=flat_config(cfg), init_kwargs=purge)
+    trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=evaluator, carried_clock=carried_clock,
+                      history=resumed.history, resumed_from=head_checkpoint(output_dir, resume_from))
     return trainer.fit(batches, progress)
+
+
+def head_checkpoint(output_dir: Path, resume_from: Path | None) -> Path | None:
+    """The checkpoint resumed from, named as the run's own checkpoints are, if it is one of them."""
+    if resume_from is not None and resume_from.resolve().parent == output_dir.resolve():
+        return output_dir / resume_from.name
+    return None
+
+
+def describe_changes(changed: dict) -> str:
+    return ", ".join(f"{key}={json.dumps(values['to'])} (was {json.dumps(values['from'])})" for key, values in changed.items())
 
 
 def previous_wall_clock(output_dir: Path, step: int) -> dict | None:
@@ -262,17 +277,6 @@ def model_interface(model: torch.nn.Module, dataset, objective: Objective, cfg: 
     return ModelInterface(num_classes=num_classes, augment=batch_augmentation(dataset, cfg.data), make_pipeline=make_pipeline)
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups; parameters the model names in ``no_weight_decay()`` (ATConv's
-    ``difference_control``, a gate whose pull towards 0 would bias the inhibition) take none."""
-    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    named = list(model.named_parameters())
-    return [
-        {"params": [p for n, p in named if n not in exempt], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0},
-    ]
-
-
 # ------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------
@@ -280,6 +284,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class StepOutcome(NamedTuple):
     loss: float  # mean over processes and micro-batches
+    lr: float  # the learning rate of this step
     grad_norm: float  # before clipping
     applied: bool  # False: the loss or a gradient was not finite and the update was not made
     stop: bool  # some process was asked to stop (Ctrl-C, SIGTERM)
@@ -294,7 +299,7 @@ class Trainer:
     """
 
     def __init__(self, accelerator: Accelerator, model, objective: Objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig,
-                 evaluator=None, carried_clock: dict | None = None):
+                 evaluator=None, carried_clock: dict | None = None, history: list[dict] | None = None, resumed_from: Path | None = None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.state, self.interface, self.cfg = state, interface, cfg
         # evaluator(step, pipeline) -> metrics and evaluator.history(up_to) -> stored metrics; main process only
@@ -304,7 +309,9 @@ class Trainer:
         self.tcfg = cfg.training
         self.output_dir = Path(self.tcfg.output_dir)
         self.timer = StepTimer(accelerator.device, self.tcfg.profile)
-        self.last_checkpoint: Path | None = None
+        self.history = history or []  # the config changes made by resumes on this line of the run (atdiff.training.resume)
+        self.last_checkpoint: Path | None = resumed_from
+        self.spikes = SpikeWatch(resumed_from)
 
     def fit(self, batches: Iterator, progress: Progress) -> TrainingResult:
         acc, tcfg = self.accelerator, self.tcfg
@@ -322,6 +329,7 @@ class Trainer:
                 progress.step, progress.images_seen = step, progress.images_seen + tcfg.batch_size
                 if outcome.applied:
                     logged_losses.append(outcome.loss)
+                    self.spikes.observe(step, outcome.loss)
                 else:
                     self.skip_step(progress, outcome)
                 result.step = step
@@ -329,7 +337,7 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{outcome.loss:.4f}", img_s=f"{tcfg.batch_size / self.timer.step_times[-1]:.1f}")
                 if step % tcfg.log_every == 0 and logged_losses:
-                    self.log(step, logged_losses, outcome.grad_norm)
+                    self.log(step, logged_losses, outcome)
                     logged_losses = []
                 if outcome.stop:
                     result.interrupted = True
@@ -381,13 +389,14 @@ class Trainer:
             loss_sum, stops, bad = acc.reduce(torch.stack([mean_loss, stopping, bad_gradients]), "sum").tolist()
             loss_value = loss_sum / acc.num_processes
             applied = bad == 0 and math.isfinite(loss_value)
+            lr = state.optimizer.param_groups[0]["lr"]  # before the schedule moves on to the next step's
             if applied:
                 state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             state.lr_scheduler.step()  # the schedule is a function of the step, skipped or not
             if applied:
                 state.ema.step(state.network.parameters())
-        return StepOutcome(loss_value, grad_norm.item(), applied, stops > 0)
+        return StepOutcome(loss_value, float(lr), grad_norm.item(), applied, stops > 0)
 
     def measured_train_step(self, batches: Iterator, stop: StopRequest) -> StepOutcome:
         """``train_step`` that records the model's peak memory: weights, optimizer state and EMA,
@@ -407,7 +416,7 @@ class Trainer:
         if progress.skipped_steps > limit:
             raise TrainingDiverged(
                 f"{what} at step {progress.step}; stopped without saving ({self.last_good()}). Lower training.learning_rate, "
-                f"set training.max_grad_norm or allow skips with training.max_skipped_steps (now {limit}), then resume with --resume latest."
+                f"set training.max_grad_norm or allow skips with training.max_skipped_steps (now {limit}), then resume with {self.resume_advice()}."
             )
         self.accelerator.print(
             f"step {progress.step}: {what}; update skipped ({progress.skipped_steps} of training.max_skipped_steps={limit})",
@@ -416,13 +425,26 @@ class Trainer:
         self.accelerator.log({"train/skipped_steps": progress.skipped_steps}, step=progress.step)
 
     def last_good(self) -> str:
-        """Where a diverged run can be resumed from, for its error message."""
-        return f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        """Where a diverged run can be resumed from, for its error message: the last checkpoint, or the
+        last one from before a loss spike when the loss spiked since (its weights may be ruined while finite)."""
+        if self.last_checkpoint is None:
+            return "no checkpoint was written"
+        spike, calm = self.spikes.spike, self.spikes.calm_checkpoint
+        if spike is None or calm == self.last_checkpoint:
+            return f"the last good checkpoint is {self.last_checkpoint}"
+        step, loss, median = spike
+        before = f"{calm} is the last from before it" if calm else "no checkpoint is from before it"
+        return (f"the last checkpoint is {self.last_checkpoint}, but the loss spiked at step {step} ({loss:.4g}, over "
+                f"{SpikeWatch.FACTOR:g}x the median {median:.4g} of the steps before): {before}")
 
-    def log(self, step: int, losses: list[float], grad_norm: float) -> None:
-        logs = {"train/loss": sum(losses) / len(losses), "train/lr": self.state.lr_scheduler.get_last_lr()[0],
+    def resume_advice(self) -> str:
+        calm = self.spikes.calm_checkpoint if self.spikes.spike is not None else None
+        return f"--resume {calm}" if calm else "--resume latest"
+
+    def log(self, step: int, losses: list[float], outcome: StepOutcome) -> None:
+        logs = {"train/loss": sum(losses) / len(losses), "train/lr": outcome.lr,
                 "train/images_per_s": self.tcfg.batch_size / statistics.median(self.timer.step_times[-len(losses):]),
-                "train/grad_norm": grad_norm}
+                "train/grad_norm": outcome.grad_norm}
         self.accelerator.log(logs, step=step)
 
     # --------------------------------------------------------------------------------------------
@@ -435,11 +457,13 @@ class Trainer:
         if bad:
             raise TrainingDiverged(
                 f"after step {progress.step}, {bad} weights of the model or its EMA are not finite; stopped without "
-                f"saving ({self.last_good()}). Lower training.learning_rate or set training.max_grad_norm, then resume with --resume latest."
+                f"saving ({self.last_good()}). Lower training.learning_rate or set training.max_grad_norm, then resume with {self.resume_advice()}."
             )
         acc = self.accelerator
         with self.clock.spent_on("checkpoints"):
-            self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit)
+            self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit,
+                                                   record_files(self.cfg, self.history), protect=self.spikes.calm_checkpoint)
+        self.spikes.saved(self.last_checkpoint)
         if acc.is_main_process:
             self.write_stats(progress)
         acc.wait_for_everyone()
@@ -510,6 +534,7 @@ class Trainer:
             "device": str(self.accelerator.device),
             "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.tcfg.mixed_precision,
+            "config_history": self.history,
             **self.timer.summary(self.tcfg.batch_size),
             "wall_clock": self.clock.summary(progress.images_seen),
             **self.model_memory,
@@ -518,6 +543,37 @@ class Trainer:
         if self.evaluator is not None:
             stats["evals"] = self.evaluator.history(up_to=progress.step)
         write_atomic(self.output_dir / "training_stats.json", json.dumps(stats, indent=2) + "\n")
+
+
+class SpikeWatch:
+    """Which checkpoint a diverging run should go back to. Weights can blow up while still finite: the
+    loss jumps long before it overflows, and the checkpoints saved meanwhile are finite but ruined.
+    A spike is a step whose loss exceeds ``FACTOR`` times the median of the steps before it; the last
+    checkpoint saved without a spike since is kept from pruning until the loss is back under that
+    bound for ``RECOVERY`` steps."""
+
+    FACTOR, WINDOW, MIN_STEPS, RECOVERY = 10.0, 100, 10, 10
+
+    def __init__(self, calm_checkpoint: Path | None = None):
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)  # losses before any spike: the baseline
+        self.spike: tuple[int, float, float] | None = None  # (step, loss, median before it)
+        self.calm_steps = 0
+        self.calm_checkpoint = calm_checkpoint  # the newest checkpoint saved with no spike since the last
+
+    def observe(self, step: int, loss: float) -> None:
+        if self.spike is None:
+            if len(self.recent) >= self.MIN_STEPS and loss > self.FACTOR * (median := statistics.median(self.recent)):
+                self.spike, self.calm_steps = (step, loss, median), 0
+            else:
+                self.recent.append(loss)
+            return
+        self.calm_steps = self.calm_steps + 1 if loss <= self.FACTOR * self.spike[2] else 0
+        if self.calm_steps >= self.RECOVERY:
+            self.spike = None
+
+    def saved(self, checkpoint: Path) -> None:
+        if self.spike is None:
+            self.calm_checkpoint = checkpoint
 
 
 def nonfinite_count(tensors: list[torch.Tensor]) -> int:

@@ -17,13 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
-from ..config import ExperimentConfig, config_from_dict
 from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, remove_temp, temp_path, write_atomic
 from ..pipelines import ImageDiffusionPipeline
-from .checkpoint import list_checkpoints, run_folder_of
+from .checkpoint import list_checkpoints
 
 LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
 PIPELINE_INDEX = "model_index.json"
@@ -53,37 +50,6 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
                 f"{output_dir} already holds a run ({', '.join(taken[:3])}); continue it with --resume latest "
                 f"or pass another --output-dir"
             )
-
-
-def check_same_setup(resume_from: Path, cfg: ExperimentConfig) -> None:
-    """Refuse to resume with a model, objective or data that differ from the checkpoint's."""
-    saved_config = run_folder_of(resume_from) / "config.yaml"
-    if not saved_config.is_file():
-        return
-    saved, current = read_saved_config(saved_config, resume_from), cfg.to_dict()
-    changed = [
-        f"{section}.{key}"
-        for section in ("model", "objective", "data")
-        for key in sorted(set(saved.get(section, {})) | set(current[section]))
-        if saved.get(section, {}).get(key) != current[section].get(key)
-    ]
-    if changed:
-        raise UsageError(f"{resume_from} was trained with other values of {changed} (see {saved_config}); use the same config to resume")
-
-
-def read_saved_config(saved_config: Path, resume_from: Path) -> dict:
-    """A run's ``config.yaml`` as a dict, read through today's dataclasses where it still fits them, so
-    that keys added to atdiff since the run was saved compare at their defaults."""
-    try:
-        saved = yaml.safe_load(saved_config.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        saved = None
-    if not isinstance(saved, dict):
-        raise UsageError(f"{saved_config} is not the config atdiff train wrote for this run; restore it to resume {resume_from}")
-    try:
-        return config_from_dict(saved).to_dict()
-    except UsageError:  # a key renamed or removed since: compare the values as written
-        return saved
 
 
 @contextmanager
@@ -145,11 +111,14 @@ def is_output_dir_error(output_dir: Path, err: OSError) -> bool:
     return err.filename is not None and Path(os.path.abspath(err.filename)).is_relative_to(output_dir.absolute())
 
 
-def prepare_output_dir(output_dir: Path, cfg: ExperimentConfig) -> None:
-    """Clear what an atdiff process killed while writing left here, and record the config."""
-    for stale in output_dir.glob(f"{TEMP_PREFIX}*"):
+def prepare_output_dir(output_dir: Path, record: dict[str, str]) -> None:
+    """Clear what an atdiff process killed while writing left here (an eval's half-drawn samples too:
+    they are of weights the resumed run may not reproduce), and write the run's ``record`` files
+    (name -> text: the config in effect, atdiff.training.resume)."""
+    for stale in [*output_dir.glob(f"{TEMP_PREFIX}*"), *output_dir.glob(f"evals/{TEMP_PREFIX}*")]:
         remove_temp(stale)
-    write_atomic(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for name, text in record.items():
+        write_atomic(output_dir / name, text)
 
 
 # ------------------------------------------------------------------------------------------------
