@@ -438,7 +438,7 @@ class Trainer:
                 f"{SpikeWatch.FACTOR:g}x the median {median:.4g} of the steps before): {before}")
 
     def resume_advice(self) -> str:
-        calm = self.spikes.calm_checkpoint if self.spikes.spike is not None else None
+        calm = self.spikes.protected()
         return f"--resume {calm}" if calm else "--resume latest"
 
     def log(self, step: int, losses: list[float], outcome: StepOutcome) -> None:
@@ -462,7 +462,7 @@ class Trainer:
         acc = self.accelerator
         with self.clock.spent_on("checkpoints"):
             self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit,
-                                                   record_files(self.cfg, self.history), protect=self.spikes.calm_checkpoint)
+                                                   record_files(self.cfg, self.history), protect=self.spikes.protected())
         self.spikes.saved(self.last_checkpoint)
         if acc.is_main_process:
             self.write_stats(progress)
@@ -570,6 +570,10 @@ class SpikeWatch:
         self.calm_steps = self.calm_steps + 1 if loss <= self.FACTOR * self.spike[2] else 0
         if self.calm_steps >= self.RECOVERY:
             self.spike = None
+
+    def protected(self) -> Path | None:
+        """The checkpoint pruning must keep while the loss is spiking (none otherwise: the next one is calm)."""
+        return self.calm_checkpoint if self.spike is not None else None
 
     def saved(self, checkpoint: Path) -> None:
         if self.spike is None:

@@ -54,6 +54,7 @@ def check_resume(checkpoint: Path, cfg: ExperimentConfig) -> Resume:
             f"training.max_steps={cfg.training.max_steps} is below the {step} steps {checkpoint} has done; "
             f"pass --max-steps {step} or more (or resume an earlier checkpoint)"
         )
+    changed.pop("training.output_dir", None)  # the run folder itself: a copied run resumes where it now is
     if changed:
         history = [*history, {"step": step, "changed": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}}]
     return Resume(step, history)
