@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, flat_config, load_config
+from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, apply_override, flat_config, load_config, section_from_dict
 from atdiff.errors import UsageError
 from atdiff.files import check_writable, write_atomic
 from atdiff.settings import bounds, rule_of
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.sampling import (
+    SAMPLING_FLAGS,
     SampleRecord,
     add_sampling_arguments,
     load_pipeline,
@@ -151,9 +152,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
     preset = PRESETS[args.preset]
     preset = replace(preset, **{k: v for k, v in (("num_images", args.num_images), ("num_real", args.num_real),
                                                   ("step_images", args.step_images), ("batch_size", args.batch_size)) if v is not None})
-    sampling = replace(preset.sampling, **sampling_overrides(args))
+    flags = sampling_overrides(args)
+    sampling = replace(preset.sampling, **sampling_keys(overrides, flags), **flags)
     out = Path(args.out)
     entries = [resolve_entry(src, out, [*preset.train_overrides, *overrides], seeds) for src in sources]
+    overrides = [o for o in overrides if not o.startswith("sampling.")]  # they are in `sampling` now
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise UsageError(f"entries must have distinct names (config file or folder names), got {names}")
@@ -178,6 +181,30 @@ def check_counts(args: argparse.Namespace, seeds: list[int]) -> None:
     for flag, value in (("--jobs", args.jobs), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
+
+
+# Keys compare sets for every run from its own flags: an override would be overwritten in the
+# children or split what they compute during training from what compare scores.
+COMPARE_KEYS = {"training.seed": "--seeds", "training.output_dir": "--out (runs go to OUT/<entry>/seed-<s>/run)",
+                "training.eval_num_images": "--step-images", "training.eval_num_real": "--num-real"}
+
+
+def sampling_keys(overrides: list[str], flags: dict) -> dict:
+    """The ``sampling.*`` overrides as SamplingConfig fields: they apply to the runs' training (grids,
+    FID over training) and to compare's scoring alike. A flag for the same field must agree."""
+    raw: dict = {}
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in COMPARE_KEYS:
+            raise UsageError(f"{override}: compare sets {key} for every run; use {COMPARE_KEYS[key]}")
+        apply_override(raw, override)
+    given = raw.get("sampling") or {}
+    fields = {k: v for k, v in asdict(section_from_dict(SamplingConfig, given, "sampling")).items() if k in given}
+    for key, value in fields.items():
+        if key in flags and flags[key] != value:
+            flag = next(f for f, k in SAMPLING_FLAGS.items() if k == key).replace("_", "-")
+            raise UsageError(f"--{flag} {flags[key]} and sampling.{key}={given[key]} both set sampling.{key}; give it once")
+    return fields
 
 
 SEED_FIELD = "{seed}"  # in a run-folder entry: one finished run per training seed

@@ -240,3 +240,30 @@ def test_out_that_is_a_file_or_a_foreign_folder_is_refused_before_training(tmp_p
     assert compare(tmp_path / "mine") == 2
     assert "is not empty and holds no comparison" in capsys.readouterr().err
     assert (tmp_path / "mine" / "report.md").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+
+
+def test_sampling_overrides_reach_scoring_and_training(tmp_path):
+    """A ``sampling.*`` KEY=VALUE is the comparison's sampling setting: the runs' training (grids, FID
+    over training) and compare's own scoring use it alike."""
+    from atdiff.cli import parse_args
+
+    pair = [str(CONFIGS / f"fashion-mnist-dit-t4-{mixer}.yaml") for mixer in ("attention", "atconv")]
+    args = parse_args(["compare", *pair, "sampling.num_inference_steps=7", "sampling.seed=3", "--out", str(tmp_path)])
+    settings, preset, _ = compare_module.settings_from_args(args)
+    assert (settings.sampling.num_inference_steps, settings.sampling.seed) == (7, 3)
+    children = compare_module.train_overrides(preset, settings)
+    assert "sampling.num_inference_steps=7" in children and "sampling.seed=3" in children
+    assert not any(o.startswith("sampling.") for o in settings.overrides)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["training.seed=7", "--seeds", "0"], "training.seed=7: compare sets training.seed for every run; use --seeds"),
+    (["training.eval_num_images=50"], "training.eval_num_images=50: compare sets training.eval_num_images for every run; use --step-images"),
+    (["training.output_dir=x"], "training.output_dir=x: compare sets training.output_dir for every run; use --out"),
+    (["sampling.seed=3", "--seed", "4"], "--seed 4 and sampling.seed=3 both set sampling.seed; give it once"),
+])
+def test_overrides_compare_would_overwrite_are_refused(extra, message, tmp_path, capsys):
+    pair = [str(CONFIGS / f"fashion-mnist-dit-t4-{mixer}.yaml") for mixer in ("attention", "atconv")]
+    assert main(["compare", *pair, *extra, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"atdiff compare: error: {message}")
+    assert not (tmp_path / "out").exists()

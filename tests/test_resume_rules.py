@@ -111,6 +111,7 @@ def test_weight_decay_and_betas_reach_the_restored_optimizer(straight, tmp_path)
     assert tuple(decaying["betas"]) == tuple(exempt["betas"]) == (0.8, 0.95)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # the reference schedule, stepped alone
 def test_a_longer_run_re_derives_the_schedule(straight, tmp_path):
     """max_steps is applied: the cosine schedule is that of the longer run at every step from the resumed one on."""
     out = copy_run(straight[0], tmp_path)
@@ -124,6 +125,7 @@ def test_a_longer_run_re_derives_the_schedule(straight, tmp_path):
     assert scheduler["_last_lr"] == reference.get_last_lr()
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
 def test_the_logged_rate_is_the_rate_of_the_logged_step(straight):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
