@@ -225,6 +225,13 @@ def test_grids_and_evals_of_an_abandoned_line_move_with_it(straight, tmp_path):
     assert sorted(p.name for p in (out / "evals").iterdir()) == ["step-3.json"]
     assert json.loads((out / "config_history.json").read_text()) == [
         {"step": 3, "changed": {"sampling.seed": {"from": 0, "to": 7}}}]
+    # TensorBoard shows the new line only: the abandoned line's steps 4 and 6 are purged.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = out / "logs" / "atdiff"
+    assert len(list(scalars.glob("events.out.tfevents.*"))) == 2  # one file a session
+    events = EventAccumulator(str(scalars)).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
 
 
 # ------------------------------------------------------------------------------------------------
