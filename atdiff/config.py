@@ -127,6 +127,9 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = setting(2, on_resume=APPLIED, range="[1, inf)", null="keep all")
     log_every: int = setting(10, on_resume=APPLIED, range="[1, inf)")  # steps between tracker logs
     log_with: str = setting("tensorboard", on_resume=APPLIED)  # an Accelerate tracker, or "none"
+    # Recompute each block's activations in the backward pass instead of keeping them (diffusers'
+    # enable_gradient_checkpointing): much less memory for some more time; the same gradients.
+    gradient_checkpointing: bool = setting(False, on_resume=APPLIED)
     # Time data/forward/backward/optimizer separately. Free on the CPU (always on there); on CUDA it
     # synchronises the device at each phase, which slows training a little.
     profile: bool = setting(False, on_resume=APPLIED)

@@ -155,7 +155,8 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
     - ``mlp_norm_eps``: epsilon of the LayerNorm before each MLP (DiT/SiT 1e-6, diffusers 1e-5).
     """
 
-    _supports_gradient_checkpointing = False
+    # diffusers' API: model.enable_gradient_checkpointing() recomputes each block in the backward pass.
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(
@@ -212,6 +213,7 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
             for kind in mixers
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.gradient_checkpointing = False
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -268,7 +270,10 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
                 raise ValueError("this DiTModel is class-conditional: pass class_labels (num_classes is the null label)")
             c = c + self.y_embedder(class_labels)
         for block in self.blocks:
-            x = block(x, c, self.grid)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, self.grid)
+            else:
+                x = block(x, c, self.grid)
         out = self.unpatchify(self.final_layer(x, c))
         if sit:  # SiT predicts data - noise, atdiff's flow noise - data
             out = -out

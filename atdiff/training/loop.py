@@ -12,7 +12,7 @@ Crash safety: checkpoints (``atdiff.training.checkpoint``) are complete or absen
 they are loaded, and saved only when the weights and EMA are finite. Resuming restores model,
 optimizer, LR schedule, EMA, every RNG and the data position (``atdiff.data.batch_stream`` is a
 function of it), so on the CPU a resumed run ends with exactly the weights of one that never
-stopped. A step whose loss or gradients are not finite is not applied: the run stops (or, with
+stopped; settings changed on resume apply from that step on or are refused (``resume``). A step whose loss or gradients are not finite is not applied: the run stops (or, with
 ``training.max_skipped_steps``, skips it). Ctrl-C (or SIGTERM) saves a checkpoint at the end of the
 current step and exits.
 """
@@ -177,6 +177,8 @@ def start_training(
     # Same initial weights everywhere (DDP also broadcasts them), then per-process noise streams.
     set_seed(tcfg.seed)
     model = build_model(cfg.model, report=accelerator.print)
+    if tcfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     set_seed(tcfg.seed, device_specific=True)
     objective = build_objective(cfg.objective)
     objective.prepare(accelerator)  # e.g. a distillation teacher: onto the device, under the same autocast
@@ -192,8 +194,8 @@ def start_training(
     if resume_from is not None:
         progress = load_checkpoint(accelerator, resume_from, state)
         apply_settings(optimizer, lr_scheduler, ema, tcfg)  # the config's values, not the checkpoint's
-        changed = resumed.history[-1]["changed"] if resumed.history and resumed.history[-1]["step"] == resumed.step else {}
-        accelerator.print(f"resumed from {resume_from} (step {progress.step})" + (f"; from now on {describe_changes(changed)}" if changed else ""))
+        changes = f"; from now on {describe_changes(resumed.changed)}" if resumed.changed else ""
+        accelerator.print(f"resumed from {resume_from} (step {progress.step}){changes}")
     ema.to(accelerator.device)
 
     micro_batch = tcfg.batch_size // tcfg.gradient_accumulation_steps  # images per micro-step, all processes
@@ -229,6 +231,12 @@ def start_training(
     trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=evaluator, carried_clock=carried_clock,
                       history=resumed.history, resumed_from=head_checkpoint(output_dir, resume_from))
     return trainer.fit(batches, progress)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        raise UsageError(f"training.gradient_checkpointing: {type(model).__name__} does not support it; set it to false")
+    model.enable_gradient_checkpointing()
 
 
 def head_checkpoint(output_dir: Path, resume_from: Path | None) -> Path | None:

@@ -27,9 +27,11 @@ HISTORY = "config_history.json"  # the changes made by resumes on this line of t
 
 @dataclass
 class Resume:
-    """A checked resume: the checkpoint's step, and the line's history including this resume's changes."""
+    """A checked resume: the checkpoint's step, the keys it changes (``{"section.key": {"from", "to"}}``)
+    and the line's history including them."""
 
     step: int
+    changed: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
 
 
@@ -37,10 +39,15 @@ def check_resume(checkpoint: Path, cfg: ExperimentConfig) -> Resume:
     """Refuse a resume of ``checkpoint`` that changes a refused key or asks for fewer steps than it
     has done; return what the run's record says from now on."""
     step = checkpoint_step(checkpoint)
+    if cfg.training.max_steps < step:
+        raise UsageError(
+            f"training.max_steps={cfg.training.max_steps} is below the {step} steps {checkpoint} has done; "
+            f"pass --max-steps {step} or more (or resume an earlier checkpoint)"
+        )
     saved_file = checkpoint / CONFIG if (checkpoint / CONFIG).is_file() else run_folder_of(checkpoint) / CONFIG
     history = read_history(checkpoint)
     if not saved_file.is_file():  # a run folder whose config.yaml was removed: nothing to compare with
-        return Resume(step, history)
+        return Resume(step, history=history)
     changed = config_changes(read_saved_config(saved_file, checkpoint), cfg.to_dict())
     for key, (old, new) in changed.items():
         rule = rule_for(key)
@@ -49,15 +56,9 @@ def check_resume(checkpoint: Path, cfg: ExperimentConfig) -> Resume:
                 f"--resume {checkpoint}: {key} was {old!r} there and is {new!r} now; {rule.why}. "
                 f"Resume with {key}={old if isinstance(old, str) else json.dumps(old)}, or start a new run in another --output-dir"
             )
-    if cfg.training.max_steps < step:
-        raise UsageError(
-            f"training.max_steps={cfg.training.max_steps} is below the {step} steps {checkpoint} has done; "
-            f"pass --max-steps {step} or more (or resume an earlier checkpoint)"
-        )
     changed.pop("training.output_dir", None)  # the run folder itself: a copied run resumes where it now is
-    if changed:
-        history = [*history, {"step": step, "changed": {k: {"from": old, "to": new} for k, (old, new) in changed.items()}}]
-    return Resume(step, history)
+    recorded = {key: {"from": old, "to": new} for key, (old, new) in changed.items()}
+    return Resume(step, recorded, [*history, {"step": step, "changed": recorded}] if recorded else history)
 
 
 def rule_for(key: str) -> Rule:

@@ -1,0 +1,79 @@
+"""Gradient checkpointing through diffusers' own API: the same gradients for every model family atdiff
+trains or converts, and ``training.gradient_checkpointing`` trains to the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from assets import needs_fashion_mnist
+from atdiff import DiTModel, MixerUNet2DModel, swap_attention
+from atdiff.training import train
+from test_training import one_thread, straight, tiny, assert_same_run  # noqa: F401
+
+
+def gradients(model: torch.nn.Module, forward, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """The gradients of a loss, and how many modules were checkpointed on the way."""
+    calls = []
+
+    def checkpointed(module, *args):  # diffusers' default, counted
+        calls.append(module)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    model.train()
+    if checkpointing:
+        model.enable_gradient_checkpointing(checkpointed)
+    else:
+        model.disable_gradient_checkpointing()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # label dropout draws from the global RNG
+    forward(model).square().mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+
+def assert_same_gradients(model: torch.nn.Module, forward) -> None:
+    (plain, none), (checkpointed, calls) = gradients(model, forward, False), gradients(model, forward, True)
+    assert none == 0 and calls > 0
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "atconv", "hybrid"])
+def test_dit(mixer):
+    torch.manual_seed(0)
+    model = DiTModel(sample_size=16, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                     num_classes=10, token_mixer=mixer, learn_sigma=False)
+    with torch.no_grad():  # zero-initialised adaLN and output would leave most gradients zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, t, y = torch.randn(4, 1, 16, 16), torch.rand(4) * 1000, torch.tensor([0, 1, 2, 3])
+    assert_same_gradients(model, lambda m: m(x, t, y).sample)
+
+
+def test_mixer_unet():
+    torch.manual_seed(0)
+    model = MixerUNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                             down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                             norm_num_groups=4, attention_head_dim=8, token_mixer="hybrid")
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 500])
+    assert_same_gradients(model, lambda m: m(x, t).sample)
+
+
+def test_swapped_text_to_image_unet():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8)
+    swap_attention(unet, init="from_attention", token_mixer="atconv")
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 16)
+    assert_same_gradients(unet, lambda m: m(x, t, encoder_hidden_states=text).sample)
+
+
+@needs_fashion_mnist
+@pytest.mark.usefixtures("one_thread")
+def test_training_with_checkpointing_ends_with_the_same_weights(straight, tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, log_with="tensorboard", gradient_checkpointing=True))
+    assert_same_run(straight[0], out)
