@@ -29,6 +29,7 @@ from atdiff.latents import DEFAULT_SHARD_SIZE, LatentDataset, ShardWriter, Store
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SIZES, MIXERS = ("s2", "b2", "xl2"), ("attention", "atconv", "hybrid")
+SIZES_512 = ("b2", "xl2")
 # stabilityai/sd-vae-ft-ema's architecture (diffusers AutoencoderKL config), for the encoding cost.
 SD_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -68,20 +69,22 @@ def forward_flops(model: torch.nn.Module, *inputs: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def training_costs(gpu_tflops: float, sizes: tuple[str, ...] = SIZES) -> dict[str, dict]:
+def training_costs(gpu_tflops: float, sizes: tuple[str, ...] = SIZES, sizes_512: tuple[str, ...] = SIZES_512) -> dict[str, dict]:
     """Per config: forward GFLOPs per image, the images/s one GPU sustains at ``gpu_tflops`` and the
-    GPU-hours of the config's run: steps x batch x 3 x forward FLOPs / throughput."""
+    GPU-hours of the config's run: steps x batch x 3 x forward FLOPs / throughput. Keys: ``b2-atconv``
+    for 256 px, ``512-b2-atconv`` for 512 px."""
     out = {}
-    for size in sizes:
+    runs = [("", "imagenet256", size) for size in sizes] + [("512-", "imagenet512", size) for size in sizes_512]
+    for prefix, family, size in runs:
         for mixer in MIXERS:
-            cfg = load_config(CONFIGS / f"imagenet256-sit-{size}-{mixer}.yaml")
+            cfg = load_config(CONFIGS / f"{family}-sit-{size}-{mixer}.yaml")
             with torch.device("meta"):
                 model = build_model(cfg.model)
                 size_px = cfg.model.resolved()["sample_size"]
                 flops = forward_flops(model, torch.randn(1, 4, size_px, size_px), torch.ones(1), torch.zeros(1, dtype=torch.long))
             per_image = TRAIN_FLOPS_PER_FORWARD * flops
             images = cfg.training.max_steps * cfg.training.batch_size
-            out[f"{size}-{mixer}"] = {
+            out[f"{prefix}{size}-{mixer}"] = {
                 "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
                 "forward_gflops_per_image": round(flops / 1e9, 2),
                 "gpu_images_per_s": round(gpu_tflops * 1e12 / per_image),

@@ -283,12 +283,14 @@ def test_fashion_mnist_models_build(path):
     assert model.config.in_channels == 1
 
 
-IMAGENET = sorted(CONFIGS.glob("imagenet256-sit-*.yaml"))
+IMAGENET = sorted(CONFIGS.glob("imagenet*-sit-*.yaml"))
 
 
 def test_imagenet_configs_cover_every_size_and_mixer():
+    mixers = ("attention", "atconv", "hybrid")
     assert {p.stem for p in IMAGENET} == {
-        f"imagenet256-sit-{size}-{mixer}" for size in ("s2", "b2", "xl2") for mixer in ("attention", "atconv", "hybrid")
+        *(f"imagenet256-sit-{size}-{mixer}" for size in ("s2", "b2", "xl2") for mixer in mixers),
+        *(f"imagenet512-sit-{size}-{mixer}" for size in ("b2", "xl2") for mixer in mixers),
     }
 
 
@@ -299,8 +301,9 @@ def test_imagenet_configs_follow_sits_recipe(path):
     assert (o.type, o.timestep_sampling) == ("flow_matching", "uniform")
     assert (t.learning_rate, t.weight_decay, t.lr_scheduler, t.lr_warmup_steps) == (1e-4, 0.0, "constant", 0)
     assert (t.batch_size, t.max_steps, t.ema_decay, t.mixed_precision) == (256, 400_000, 0.9999, "bf16")
-    assert (d.dataset, d.split, d.resolution, d.resize_mode, d.random_flip) == ("imagefolder", "train", 256, "adm_center_crop", True)
+    resolution = int(path.stem[len("imagenet"):].split("-")[0])
+    assert (d.dataset, d.split, d.resolution, d.resize_mode, d.random_flip) == ("imagefolder", "train", resolution, "adm_center_crop", True)
     assert d.vae == "stabilityai/sd-vae-ft-ema"
     model = cfg.model.resolved()
-    assert (model["sample_size"], model["in_channels"], model["num_classes"]) == (32, 4, 1000)
+    assert (model["sample_size"], model["in_channels"], model["num_classes"]) == (resolution // 8, 4, 1000)
     assert cfg.model.size == path.stem.split("-")[2].upper().replace("2", "/2")
