@@ -127,6 +127,12 @@ class TrainingConfig:
     checkpoints_total_limit: int | None = setting(2, on_resume=APPLIED, range="[1, inf)", null="keep all")
     log_every: int = setting(10, on_resume=APPLIED, range="[1, inf)")  # steps between tracker logs
     log_with: str = setting("tensorboard", on_resume=APPLIED)  # an Accelerate tracker, or "none"
+    # TF32 matmuls and convolutions on CUDA (DiT's advice: much faster on Ampere and newer, and
+    # accurate enough for training); false: full fp32. No effect on the CPU.
+    tf32: bool = setting(True, on_resume=APPLIED)
+    # torch.compile the model for training (the first steps compile; checkpoints and the pipeline
+    # hold the plain model's weights).
+    compile: bool = setting(False, on_resume=APPLIED)
     # Recompute each block's activations in the backward pass instead of keeping them (diffusers'
     # enable_gradient_checkpointing): much less memory for some more time; the same gradients.
     gradient_checkpointing: bool = setting(False, on_resume=APPLIED)

@@ -54,6 +54,9 @@ from atdiff.nn import ATConv, SelfAttention
 from atdiff.nn.functional import IMPL_FUNCTIONS, auto_conv_impl, per_sample_depthwise_conv2d, per_sample_depthwise_conv2d_shift
 
 STUDIES = ("mixers", "impls", "models")
+# How the models study runs each DiT besides as it is: with gradient checkpointing (training steps
+# only) and under torch.compile.
+MODEL_VARIANTS = ("plain", "checkpointing", "compile")
 MODES = ("forward", "forward+backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILED = "compile(shift)"
@@ -78,6 +81,7 @@ class BenchConfig:
     model_tokens: list[int] = field(default_factory=lambda: [256, 1024, 4096])
     model_batch: int = 8
     model_max_batch_tokens: int = 4096
+    model_variants: list[str] = field(default_factory=lambda: ["plain"])  # of MODEL_VARIANTS
     impl_widths: list[int] = field(default_factory=lambda: [384])  # widths of the impls study
     budget_s: float = 1.0  # timing time per candidate and comparison; sets the repeats
     max_repeats: int = 15
@@ -284,17 +288,23 @@ def bench_models(runner: Runner, tokens: int, mode: str) -> None:
     width, depth = size["hidden_size"], size["depth"]
     candidates = []
     for mixer in ("attention", "atconv"):
-        model = DiTModel(sample_size=side, in_channels=4, learn_sigma=False, token_mixer=mixer, **size).to(device, dtype)
         mixer_macs = attention_macs(width, tokens) if mixer == "attention" else 2 * tokens * width**2 + 9 * tokens * width
         macs = B * depth * (mixer_macs + 8 * tokens * width**2)  # + MLP
-        if mode == "sampling step":
-            model.eval()
-            fn = step_fn(lambda m=model: m(sample, timestep, labels).sample, None)
-        else:
-            model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            fn = step_fn(lambda m=model: F.mse_loss(m(sample, timestep, labels).sample, target), optimizer)
-        candidates.append(Candidate(mixer, fn, macs))
+        for variant in cfg.model_variants:
+            if variant == "checkpointing" and mode == "sampling step":
+                continue  # nothing is kept for a backward pass
+            model = DiTModel(sample_size=side, in_channels=4, learn_sigma=False, token_mixer=mixer, **size).to(device, dtype)
+            if variant == "checkpointing":
+                model.enable_gradient_checkpointing()
+            network = torch.compile(model) if variant == "compile" else model
+            if mode == "sampling step":
+                model.eval()
+                fn = step_fn(lambda m=network: m(sample, timestep, labels).sample, None)
+            else:
+                model.train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+                fn = step_fn(lambda m=network: F.mse_loss(m(sample, timestep, labels).sample, target), optimizer)
+            candidates.append(Candidate(mixer if variant == "plain" else f"{mixer} {variant}", fn, macs))
     runner.compare(dict(study="models", mode=mode, width=width, tokens=tokens, batch=B, depth=depth), candidates)
 
 
@@ -491,7 +501,23 @@ def markdown_report(result: dict) -> str:
              images_per_s(g.get("attention"), b), images_per_s(g.get("atconv"), b), mib(g.get("attention")), mib(g.get("atconv"))]
             for (mode, _c, n, b), g in models.items()
         ])
+        variants = [(key, row) for key, g in models.items() for row in g.values() if row["name"] not in ("attention", "atconv")]
+        if variants:
+            out += ["", "Variants (`checkpointing`: gradient checkpointing; `compile`: torch.compile, its first call "
+                    "compiling); ratios against the same mixer run plainly:", ""]
+            out += table(["step", "tokens", "B", "model", "ms", "img/s", "MiB", "time ratio", "memory ratio", "first call s"], [
+                [mode, str(n), str(b), row["name"], ms(row), images_per_s(row, b), mib(row),
+                 times(row, models[(mode, c, n, b)].get(row["name"].split()[0])),
+                 memory_ratio(row, models[(mode, c, n, b)].get(row["name"].split()[0])), f"{row.get('first_call_s', 0):.1f}"]
+                for (mode, c, n, b), row in variants
+            ])
     return "\n".join(out) + "\n"
+
+
+def memory_ratio(a: dict | None, b: dict | None) -> str:
+    if a is None or b is None or not a.get("peak_mem_bytes") or not b.get("peak_mem_bytes"):
+        return ""
+    return f"{a['peak_mem_bytes'] / b['peak_mem_bytes']:.2f}x"
 
 
 PARTS_NOTE = [
@@ -593,8 +619,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts N, square grids (default 64 256 1024 4096 16384)")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--model-tokens", type=int, nargs="+", help="DiT token counts (default 256 1024 4096)")
+    parser.add_argument("--model-size", help="DiT size of the models study, e.g. S/2, XL/2 (default S/2)")
     parser.add_argument("--model-depth", type=int)
     parser.add_argument("--model-batch", type=int)
+    parser.add_argument("--model-variants", nargs="+", choices=MODEL_VARIANTS, help="how each DiT runs (default: plain)")
     parser.add_argument("--budget-s", type=float, help="timing seconds per candidate and comparison (sets repeats)")
     parser.add_argument("--max-call-s", type=float, help="skip candidates predicted slower than this per call")
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
@@ -630,6 +658,8 @@ def check_config(cfg: BenchConfig) -> None:
             raise UsageError(f"{name} must be a non-empty list of {'names' if name == 'studies' else 'integers'}, got {value!r}")
     if unknown := [s for s in cfg.studies if s not in STUDIES]:
         raise UsageError(f"unknown studies {unknown}; choose from {list(STUDIES)}")
+    if not isinstance(cfg.model_variants, list) or not cfg.model_variants or (unknown := [v for v in cfg.model_variants if v not in MODEL_VARIANTS]):
+        raise UsageError(f"model_variants must be a non-empty list of {list(MODEL_VARIANTS)}, got {cfg.model_variants!r}")
     for name in ("tokens", "model_tokens"):
         if bad := [n for n in getattr(cfg, name) if n < 1 or math.isqrt(n) ** 2 != n]:
             raise UsageError(f"{name} {bad} are not square token grids; use squares such as 64 256 1024 4096")

@@ -151,6 +151,8 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
         )
     except ValueError as err:  # a precision this device does not support
         raise UsageError(f"training.mixed_precision={tcfg.mixed_precision}: {err}") from err
+    # Accelerate turns TF32 on only with its dynamo backend: set here, for matmuls and cuDNN alike.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tcfg.tf32
     if tcfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # Accelerate would silently use fp32
         raise UsageError("training.mixed_precision=fp16 needs a GPU; on the CPU use bf16 or no")
     per_step = accelerator.num_processes * tcfg.gradient_accumulation_steps
@@ -189,6 +191,8 @@ def start_training(
     lr_scheduler = make_lr_scheduler(optimizer, tcfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     state = TrainingState(accelerator.unwrap_model(model), ema, optimizer, lr_scheduler, accelerator.scaler)
+    if tcfg.compile:  # only the training forward runs compiled; state.network stays the plain module it shares weights with
+        model = torch.compile(model)
 
     progress = Progress()
     if resume_from is not None:

@@ -49,6 +49,8 @@ def check_resume(checkpoint: Path, cfg: ExperimentConfig) -> Resume:
     if not saved_file.is_file():  # a run folder whose config.yaml was removed: nothing to compare with
         return Resume(step, history=history)
     changed = config_changes(read_saved_config(saved_file, checkpoint), cfg.to_dict())
+    # A key this atdiff no longer has (the saved config read as written) does nothing now.
+    changed = {key: values for key, values in changed.items() if rule_for(key) is not None}
     for key, (old, new) in changed.items():
         rule = rule_for(key)
         if rule.on_resume == REFUSED:
@@ -61,12 +63,16 @@ def check_resume(checkpoint: Path, cfg: ExperimentConfig) -> Resume:
     return Resume(step, recorded, [*history, {"step": step, "changed": recorded}] if recorded else history)
 
 
-def rule_for(key: str) -> Rule:
+def rule_for(key: str) -> Rule | None:
+    """The declared rule of ``section.key``; None for a key no section has (any longer)."""
     section, name = key.split(".", 1)
+    if section not in SECTIONS:
+        return None
     cls = type(getattr(ExperimentConfig(), section))
-    if cls is ModelConfig and name not in {f.name for f in fields(ModelConfig)}:
+    names = {f.name for f in fields(cls)}
+    if cls is ModelConfig and name not in names:
         name = "kwargs"  # the model class's own arguments
-    return rule_of(cls, name)
+    return rule_of(cls, name) if name in names or cls is ModelConfig else None
 
 
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

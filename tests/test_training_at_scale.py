@@ -1,5 +1,6 @@
-"""Gradient checkpointing through diffusers' own API: the same gradients for every model family atdiff
-trains or converts, and ``training.gradient_checkpointing`` trains to the same weights."""
+"""What GPU users train with, tested on the CPU: gradient checkpointing through diffusers' own API (the
+same gradients for every model family atdiff trains or converts, the same trained weights),
+torch.compile, bf16 autocast and the TF32 switch."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from diffusers import UNet2DConditionModel
 
 from assets import needs_fashion_mnist
 from atdiff import DiTModel, MixerUNet2DModel, swap_attention
-from atdiff.training import train
-from test_training import one_thread, straight, tiny, assert_same_run  # noqa: F401
+from safetensors.torch import load_file
+
+from atdiff.pipelines import ImageDiffusionPipeline
+from atdiff.training import pipeline_at_checkpoint, train
+from test_training import assert_same_run, assert_same_weights, one_thread, straight, tiny  # noqa: F401
 
 
 def gradients(model: torch.nn.Module, forward, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
@@ -77,3 +81,59 @@ def test_training_with_checkpointing_ends_with_the_same_weights(straight, tmp_pa
     out = tmp_path / "run"
     train(tiny(out, log_with="tensorboard", gradient_checkpointing=True))
     assert_same_run(straight[0], out)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one mixed-precision setting per process (a command is a process); tests run many."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@needs_fashion_mnist
+@pytest.mark.usefixtures("one_thread")
+def test_bf16_autocast_trains_on_the_cpu_and_resumes_exactly(straight, tmp_path, fresh_accelerate_state):
+    out, resumed = tmp_path / "run", tmp_path / "resumed"
+    result = train(tiny(out, mixed_precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses != straight[1].losses  # the forward really ran in bf16
+    weights = load_file(out / "checkpoint-6" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast: the weights stay fp32
+    train(tiny(resumed, mixed_precision="bf16", max_steps=3))
+    train(tiny(resumed, mixed_precision="bf16"), resume="latest")
+    assert_same_run(out, resumed)
+
+
+@needs_fashion_mnist
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_follows_the_config(tmp_path, tf32):
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        train(tiny(tmp_path / "run", max_steps=1, sample_every=0, num_sample_images=1, tf32=tf32))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@needs_fashion_mnist
+@pytest.mark.slow  # compiling the tiny DiT's forward and backward: about a minute on two cores
+@pytest.mark.usefixtures("one_thread")
+def test_compiled_training_writes_what_a_plain_model_loads(straight, tmp_path, monkeypatch):
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or compile(model, **kwargs))
+    out = tmp_path / "run"
+    result = train(tiny(out, log_with="tensorboard", compile=True))
+    assert len(compiled) == 1
+    # The same training, not the same numbers: compiled kernels round differently and draw the label
+    # dropout inside the graph from another random stream.
+    assert result.losses == pytest.approx(straight[1].losses, rel=0.1)
+    weights = load_file(out / "checkpoint-6" / "model.safetensors")
+    assert weights.keys() == load_file(straight[0] / "checkpoint-6" / "model.safetensors").keys()  # no _orig_mod. prefix
+    pipeline_at_checkpoint(out / "checkpoint-6")
+    pipe = ImageDiffusionPipeline.from_pretrained(out)
+    assert not hasattr(pipe.model, "_orig_mod")
