@@ -4,6 +4,8 @@ torch.compile, bf16 autocast and the TF32 switch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -137,3 +139,17 @@ def test_compiled_training_writes_what_a_plain_model_loads(straight, tmp_path, m
     pipeline_at_checkpoint(out / "checkpoint-6")
     pipe = ImageDiffusionPipeline.from_pretrained(out)
     assert not hasattr(pipe.model, "_orig_mod")
+
+
+def test_the_training_step_benchmark_writes_its_report(tmp_path):
+    from atdiff.eval import training_step
+
+    assert training_step.main(["--size", "T/4", "--latent", "16", "--batch", "2", "--repeats", "2",
+                               "--variants", "plain", "checkpointing", "--out", str(tmp_path), "--stem", "toy"]) == 0
+    record = json.loads((tmp_path / "toy.json").read_text())
+    assert set(record["results"]) == {"plain", "checkpointing"}
+    for result in record["results"].values():
+        assert len(result["times_s"]) == 2 and result["median_s"] > 0
+        # resident: weights, gradients and AdamW state; the step allocates more on top
+        assert result["model_memory_mb"] > result["model_resident_mb"] > 0
+    assert "| checkpointing |" in (tmp_path / "toy.md").read_text()
