@@ -99,7 +99,8 @@ class TrainingConfig:
     # The LR schedule is a function of the step: on resume the rate of step s is what these keys give at s.
     learning_rate: float = setting(1e-4, on_resume=APPLIED, range="(0, inf)")
     lr_scheduler: str = setting("constant_with_warmup", on_resume=APPLIED)  # a diffusers.optimization schedule
-    lr_warmup_steps: int = setting(0, on_resume=APPLIED, range="[0, inf)")
+    lr_warmup_steps: int = setting(0, on_resume=APPLIED, range="[0, inf)",
+                                   applies_if=("lr_scheduler", tuple(s for s in LR_SCHEDULES if s != "constant")))
     weight_decay: float = setting(0.0, on_resume=APPLIED, range="[0, inf)")  # ATConv's difference_control never takes any
     adam_beta1: float = setting(0.9, on_resume=APPLIED, range="[0, 1)")
     adam_beta2: float = setting(0.999, on_resume=APPLIED, range="[0, 1)")

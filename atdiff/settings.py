@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import UsageError
@@ -76,15 +77,23 @@ def check_range(key: str, value: Any, rule: Rule) -> None:
         raise UsageError(f"{key} must be {described(rule.range)}{null}, got {value}")
 
 
-def check_applies(section: str, values: Any, name: str, applies_if: tuple[str, Any]) -> None:
+def applies(values: Mapping[str, Any], applies_if: tuple[str, Any] | None) -> bool:
+    """Whether a key with this ``applies_if`` does anything, given its section's ``values``."""
+    if applies_if is None:
+        return True
     other, when = applies_if
-    value, other_value = getattr(values, name), getattr(values, other)
-    applies = other_value is not None if when == SET else other_value in when
-    if applies or value == default_of(type(values), name):
+    return values.get(other) is not None if when == SET else values.get(other) in when
+
+
+def check_applies(section: str, values: Any, name: str, applies_if: tuple[str, Any]) -> None:
+    value = getattr(values, name)
+    if applies(dataclasses.asdict(values), applies_if) or value == default_of(type(values), name):
         return
+    other, when = applies_if
     under = f"{section}.{other} set" if when == SET else f"{section}.{other} {' or '.join(map(str, when))}"
-    now = "null" if other_value is None else other_value
-    raise UsageError(f"{section}.{name}={value} does nothing with {section}.{other}={now} (it applies only with {under}); drop it")
+    now = getattr(values, other)
+    raise UsageError(f"{section}.{name}={value} does nothing with {section}.{other}={'null' if now is None else now} "
+                     f"(it applies only with {under}); drop it")
 
 
 def bounds(interval: str) -> tuple[float, float]:

@@ -37,7 +37,7 @@ import torch
 from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, apply_override, flat_config, load_config, section_from_dict
 from atdiff.errors import UsageError
 from atdiff.files import check_writable, write_atomic
-from atdiff.settings import bounds, rule_of
+from atdiff.settings import bounds, check_section, rule_of
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.sampling import (
     SAMPLING_FLAGS,
@@ -152,11 +152,14 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
     preset = PRESETS[args.preset]
     preset = replace(preset, **{k: v for k, v in (("num_images", args.num_images), ("num_real", args.num_real),
                                                   ("step_images", args.step_images), ("batch_size", args.batch_size)) if v is not None})
+    check_compare_keys(overrides)
     flags = sampling_overrides(args)
-    sampling = replace(preset.sampling, **sampling_keys(overrides, flags), **flags)
+    sampling = replace(preset.sampling, **{**sampling_keys(overrides, flags), **flags})
+    check_section("sampling", sampling)
     out = Path(args.out)
     entries = [resolve_entry(src, out, [*preset.train_overrides, *overrides], seeds) for src in sources]
-    overrides = [o for o in overrides if not o.startswith("sampling.")]  # they are in `sampling` now
+    overrides = [o for o in overrides if not o.strip().startswith("sampling.")]  # they are in `sampling` now
+    check_overrides_apply(entries, overrides)
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise UsageError(f"entries must have distinct names (config file or folder names), got {names}")
@@ -189,14 +192,26 @@ COMPARE_KEYS = {"training.seed": "--seeds", "training.output_dir": "--out (runs 
                 "training.eval_num_images": "--step-images", "training.eval_num_real": "--num-real"}
 
 
+def check_compare_keys(overrides: list[str]) -> None:
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key in COMPARE_KEYS:
+            raise UsageError(f"{override}: compare sets {key} for every run; use {COMPARE_KEYS[key]}")
+
+
+def check_overrides_apply(entries: list[Entry], overrides: list[str]) -> None:
+    """Overrides other than ``sampling.*`` change how a config is trained: a finished run cannot take them."""
+    finished = [e.name for e in entries if not e.trained_here]
+    if overrides and finished:
+        raise UsageError(f"{overrides[0]} changes how configs are trained, but {finished[0]} is a finished run it cannot "
+                         f"apply to; train that run with it (or compare configs only)")
+
+
 def sampling_keys(overrides: list[str], flags: dict) -> dict:
     """The ``sampling.*`` overrides as SamplingConfig fields: they apply to the runs' training (grids,
     FID over training) and to compare's scoring alike. A flag for the same field must agree."""
     raw: dict = {}
     for override in overrides:
-        key = override.partition("=")[0].strip()
-        if key in COMPARE_KEYS:
-            raise UsageError(f"{override}: compare sets {key} for every run; use {COMPARE_KEYS[key]}")
         apply_override(raw, override)
     given = raw.get("sampling") or {}
     fields = {k: v for k, v in asdict(section_from_dict(SamplingConfig, given, "sampling")).items() if k in given}

@@ -254,6 +254,20 @@ def test_sampling_overrides_reach_scoring_and_training(tmp_path):
     children = compare_module.train_overrides(preset, settings)
     assert "sampling.num_inference_steps=7" in children and "sampling.seed=3" in children
     assert not any(o.startswith("sampling.") for o in settings.overrides)
+    # A flag and a KEY=VALUE that agree are one setting.
+    args = parse_args(["compare", *pair, "sampling.seed=3", "--seed", "3", "--out", str(tmp_path)])
+    assert compare_module.settings_from_args(args)[0].sampling.seed == 3
+
+
+def test_training_overrides_are_refused_for_finished_runs(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "model_index.json").write_text("{}")
+    shutil.copy(CONFIGS / "fashion-mnist-dit-t4-atconv.yaml", run_dir / "config.yaml")
+    one = str(CONFIGS / "fashion-mnist-dit-t4-attention.yaml")
+    assert main(["compare", str(run_dir), one, "training.max_steps=5", "--out", str(tmp_path / "out")]) == 2
+    assert "training.max_steps=5 changes how configs are trained, but run is a finished run it cannot apply to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("extra", "message"), [

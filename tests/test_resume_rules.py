@@ -101,6 +101,9 @@ def test_a_resume_that_changes_the_lr_and_ema_decay_equals_a_run_whose_config_ch
     groups = load_tree(resumed / "checkpoint-6" / "optimizer.safetensors")["param_groups"]
     assert [g["initial_lr"] for g in groups] == [5e-4, 5e-4]
     assert load_tree(resumed / "checkpoint-6" / "ema.safetensors")["decay"] == 0.5
+    # The schedule's own state is the straight run's too (a resume does not step it again).
+    counted = [load_tree(run / "checkpoint-6" / "scheduler.safetensors")["_step_count"] for run in (resumed, straight_changed)]
+    assert counted[0] == counted[1]
 
 
 def test_weight_decay_and_betas_reach_the_restored_optimizer(straight, tmp_path):
@@ -114,15 +117,23 @@ def test_weight_decay_and_betas_reach_the_restored_optimizer(straight, tmp_path)
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # the reference schedule, stepped alone
 def test_a_longer_run_re_derives_the_schedule(straight, tmp_path):
     """max_steps is applied: the cosine schedule is that of the longer run at every step from the resumed one on."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = copy_run(straight[0], tmp_path)
-    cfg = tiny(out, max_steps=12)
+    cfg = tiny(out, max_steps=12, log_every=1, log_with="tensorboard")
     train(cfg, resume="latest")
-    reference = schedule_of(cfg.training)
+    reference, rates = schedule_of(cfg.training), []
     for _ in range(12):
+        rates.append(reference.get_last_lr()[0])  # rates[s - 1]: the rate of step s
         reference.step()
     scheduler = load_tree(out / "checkpoint-12" / "scheduler.safetensors")
     assert scheduler["base_lrs"] == [2e-3, 2e-3] and scheduler["last_epoch"] == 12
     assert scheduler["_last_lr"] == reference.get_last_lr()
+    # Every resumed step, the first included, trained at the 12-step schedule's rate (the restored
+    # optimizer held the 6-step schedule's, which ends at 0).
+    events = EventAccumulator(str(out / "logs" / "atdiff")).Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/lr") if e.step > 6}
+    assert logged == {s: pytest.approx(rates[s - 1]) for s in range(7, 13)} and logged[7] > 0
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
@@ -143,10 +154,14 @@ def test_the_logged_rate_is_the_rate_of_the_logged_step(straight):
 
 
 def test_a_harmless_data_key_may_change(straight, tmp_path):
-    out = copy_run(straight[0], tmp_path)
-    raw = tiny(out, max_steps=7).to_dict()
+    """data.num_workers changes how batches are loaded, not which: the run ends as an unchanged resume does."""
+    out, unchanged = copy_run(straight[0], tmp_path), tmp_path / "unchanged"
+    shutil.copytree(straight[0], unchanged)
+    raw = tiny(out, max_steps=7, log_with="tensorboard").to_dict()
     raw["data"]["num_workers"] = 1
     assert train(config_from_dict(raw), resume="latest").step == 7
+    train(tiny(unchanged, max_steps=7, log_with="tensorboard"), resume="latest")
+    assert_same_run(out, unchanged, step=7)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,6 +221,31 @@ def test_a_key_that_does_nothing_under_the_objective_is_refused(objective, inert
 # ------------------------------------------------------------------------------------------------
 
 
+def test_the_final_pipeline_and_stats_of_an_abandoned_line_move_with_it(straight, tmp_path):
+    """Resuming an older checkpoint of a finished run: until the new line ends, the folder holds no
+    pipeline (it is not finished), and no stats of the other line."""
+    out = copy_run(straight[0], tmp_path)
+    stats_before = (out / "training_stats.json").read_bytes()
+    with pytest.raises(TrainingDiverged):  # the new line stops before its end
+        train(tiny(out, learning_rate=1e9, max_grad_norm=None, log_with="tensorboard"), resume=str(out / "checkpoint-3"))
+    abandoned = next((out / ABANDONED).glob("atdiff-*"))
+    assert not (out / "model_index.json").exists() and not (out / "model").exists()
+    assert (abandoned / "model_index.json").is_file() and (abandoned / "model").is_dir() and (abandoned / "scheduler").is_dir()
+    assert (abandoned / "training_stats.json").read_bytes() == stats_before
+    assert not (out / "training_stats.json").exists() or json.loads((out / "training_stats.json").read_text())["steps"] <= 5
+
+
+def test_a_resume_with_nothing_left_to_train_records_its_changes(straight, tmp_path):
+    out = copy_run(straight[0], tmp_path)
+    raw = tiny(out, log_with="tensorboard").to_dict()
+    raw["sampling"]["seed"] = 7
+    train(config_from_dict(raw), resume="latest")
+    history = [{"step": 6, "changed": {"sampling.seed": {"from": 0, "to": 7}}}]
+    assert json.loads((out / "config_history.json").read_text()) == history
+    stats = json.loads((out / "training_stats.json").read_text())
+    assert stats["config_history"] == history and stats["images_per_s"] is not None  # the figures are kept
+
+
 def test_grids_and_evals_of_an_abandoned_line_move_with_it(straight, tmp_path):
     out = copy_run(straight[0], tmp_path)
     (out / "evals").mkdir()
@@ -217,7 +257,7 @@ def test_grids_and_evals_of_an_abandoned_line_move_with_it(straight, tmp_path):
     train(config_from_dict(raw), resume=str(out / "checkpoint-3"))
 
     abandoned = next((out / ABANDONED).glob("atdiff-*"))
-    assert sorted(str(p.relative_to(abandoned)) for p in abandoned.rglob("*") if p.is_file() and "checkpoint" not in str(p)) == [
+    assert sorted(str(p.relative_to(abandoned)) for p in abandoned.rglob("step-*") if p.is_file()) == [
         "evals/step-6.json", "samples/step-0000004.png", "samples/step-0000006.png"]
     verify(abandoned / "checkpoint-6")
     assert (abandoned / "samples" / "step-0000004.png").read_bytes() == old_grid
@@ -270,3 +310,23 @@ def test_the_divergence_advice_works(tmp_path, monkeypatch, capsys):
     assert [g["lr"] for g in groups] == [1e-4, 1e-4]
     assert json.loads((out / "config_history.json").read_text()) == [
         {"step": 14, "changed": {"training.learning_rate": {"from": 1e-3, "to": 1e-4}}}]
+
+
+def test_a_spike_is_still_watched_after_a_resume(tmp_path, monkeypatch):
+    """Interrupted while the loss is spiking: the resumed run still keeps (and names) the checkpoint from before the spike."""
+    out = tmp_path / "run"
+    settings = dict(max_steps=30, checkpoint_every=2, checkpoints_total_limit=1, lr_scheduler="constant",
+                    lr_warmup_steps=0, learning_rate=1e-3, max_grad_norm=None, sample_every=0)
+
+    class JumpingLR(torch.optim.lr_scheduler.LambdaLR):  # x300 after step 14, x1e6 after step 20
+        def get_lr(self):
+            factor = 1 if self.last_epoch < 14 else 300 if self.last_epoch < 20 else 1e6
+            return [base * factor for base in self.base_lrs]
+
+    monkeypatch.setattr(loop, "make_lr_scheduler", lambda optimizer, t: JumpingLR(optimizer, lambda step: 1.0))
+    train(tiny(out, **{**settings, "max_steps": 18}))  # stopped mid-spike (as by Ctrl-C): checkpoint-18 is ruined
+    assert [step for step, _ in list_checkpoints(out)] == [14, 18]
+    with pytest.raises(TrainingDiverged) as diverged:
+        train(tiny(out, **settings), resume="latest")
+    assert [step for step, _ in list_checkpoints(out)][0] == 14
+    assert str(diverged.value).endswith(f"then resume with --resume {out / 'checkpoint-14'}.")

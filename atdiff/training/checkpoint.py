@@ -293,12 +293,12 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
 STEP_FILE = re.compile(r"step-(\d+)\.\w+")  # an output made at a step: samples/step-0000040.png, evals/step-40.json
 
 
-def make_head(output_dir: Path, step: int, step_folders: tuple[str, ...] = ()) -> None:
-    """Resuming from ``step``: move the run's later checkpoints, and the later outputs in
-    ``step_folders`` (``step-<N>.*`` files: sample grids, evals), aside together, so that
-    ``--resume latest`` never picks a checkpoint of the abandoned line and no output of it is
-    reused or taken for one of the new line."""
-    later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step]
+def make_head(output_dir: Path, step: int, step_folders: tuple[str, ...] = (), later_outputs: list[Path] = ()) -> None:
+    """Resuming from ``step``: move the run's later checkpoints, the later outputs in
+    ``step_folders`` (``step-<N>.*`` files: sample grids, evals) and ``later_outputs`` (made after
+    ``step``: a final pipeline, the stats) aside together, so that ``--resume latest`` never picks a
+    checkpoint of the abandoned line and no output of it is reused or taken for one of the new line."""
+    later = [path for later_step, path in list_checkpoints(output_dir) if later_step > step] + list(later_outputs)
     for folder in step_folders:
         if (output_dir / folder).is_dir() and not (output_dir / folder).is_symlink():
             later += [p for p in sorted((output_dir / folder).iterdir())

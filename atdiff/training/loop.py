@@ -51,7 +51,9 @@ from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpo
 from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
 from .resume import Resume, check_resume, record_files
 from .run_dir import (
+    STATS,
     check_output_dir,
+    later_run_outputs,
     is_output_dir_error,
     output_dir_error,
     prepare_output_dir,
@@ -228,12 +230,12 @@ def start_training(
     accelerator.wait_for_everyone()  # every process has read its checkpoint before the folder changes
     if accelerator.is_main_process:
         prepare_output_dir(output_dir, record_files(cfg, resumed.history))
-        make_head(output_dir, progress.step, STEP_OUTPUTS)
+        make_head(output_dir, progress.step, STEP_OUTPUTS, later_run_outputs(output_dir, progress.step))
         # TensorBoard hides what an abandoned line logged after the resumed step.
         purge = {"tensorboard": {"purge_step": progress.step + 1}} if resume_from is not None else {}
         accelerator.init_trackers("atdiff", config=flat_config(cfg), init_kwargs=purge)
     trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=evaluator, carried_clock=carried_clock,
-                      history=resumed.history, resumed_from=head_checkpoint(output_dir, resume_from))
+                      history=resumed.history, resumed_from=resume_from)
     return trainer.fit(batches, progress)
 
 
@@ -257,7 +259,7 @@ def describe_changes(changed: dict) -> str:
 def previous_wall_clock(output_dir: Path, step: int) -> dict | None:
     """The run's wall-clock totals up to ``step``, from ``training_stats.json`` (written with each
     checkpoint) when it belongs to the checkpoint resumed from."""
-    stats_file = output_dir / "training_stats.json"
+    stats_file = output_dir / STATS
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     return stats.get("wall_clock") if stats.get("steps") == step else None
 
@@ -323,7 +325,7 @@ class Trainer:
         self.timer = StepTimer(accelerator.device, self.tcfg.profile)
         self.history = history or []  # the config changes made by resumes on this line of the run (atdiff.training.resume)
         self.last_checkpoint: Path | None = resumed_from
-        self.spikes = SpikeWatch(resumed_from)
+        self.spikes = SpikeWatch.resumed(resumed_from, self.output_dir) if resumed_from is not None else SpikeWatch()
 
     def fit(self, batches: Iterator, progress: Progress) -> TrainingResult:
         acc, tcfg = self.accelerator, self.tcfg
@@ -367,6 +369,8 @@ class Trainer:
             return result
         self.save_sample_grid(result.step)
         self.save_pipeline()
+        if result.step == start_step and acc.is_main_process:  # no step, no checkpoint: the stats learn of this resume's changes here
+            self.record_history()
         return result
 
     def train_step(self, batches: Iterator, stop: StopRequest) -> StepOutcome:
@@ -450,8 +454,10 @@ class Trainer:
                 f"{SpikeWatch.FACTOR:g}x the median {median:.4g} of the steps before): {before}")
 
     def resume_advice(self) -> str:
+        if self.spikes.spike is None:
+            return "--resume latest"
         calm = self.spikes.protected()
-        return f"--resume {calm}" if calm else "--resume latest"
+        return f"--resume {calm}" if calm else "a new run in another --output-dir (no checkpoint is from before the spike)"
 
     def log(self, step: int, losses: list[float], outcome: StepOutcome) -> None:
         logs = {"train/loss": sum(losses) / len(losses), "train/lr": outcome.lr,
@@ -473,8 +479,9 @@ class Trainer:
             )
         acc = self.accelerator
         with self.clock.spent_on("checkpoints"):
+            record = {**record_files(self.cfg, self.history), SpikeWatch.FILE: json.dumps(self.spikes.state()) + "\n"}
             self.last_checkpoint = save_checkpoint(acc, self.output_dir, self.state, progress, self.tcfg.checkpoints_total_limit,
-                                                   record_files(self.cfg, self.history), protect=self.spikes.protected())
+                                                   record, protect=self.spikes.protected())
         self.spikes.saved(self.last_checkpoint)
         if acc.is_main_process:
             self.write_stats(progress)
@@ -534,6 +541,16 @@ class Trainer:
                 save_pipeline(self.output_dir, self.interface.make_pipeline(model))
         self.accelerator.wait_for_everyone()
 
+    def record_history(self) -> None:
+        """Bring ``training_stats.json``'s config history up to date without touching its figures."""
+        stats_file = self.output_dir / STATS
+        try:
+            stats = json.loads(stats_file.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(stats, dict) and stats.get("config_history") != self.history:
+            write_atomic(stats_file, json.dumps({**stats, "config_history": self.history}, indent=2) + "\n")
+
     def write_stats(self, progress: Progress) -> None:
         network = self.state.network
         stats = {
@@ -554,7 +571,7 @@ class Trainer:
         }
         if self.evaluator is not None:
             stats["evals"] = self.evaluator.history(up_to=progress.step)
-        write_atomic(self.output_dir / "training_stats.json", json.dumps(stats, indent=2) + "\n")
+        write_atomic(self.output_dir / STATS, json.dumps(stats, indent=2) + "\n")
 
 
 class SpikeWatch:
@@ -565,12 +582,32 @@ class SpikeWatch:
     bound for ``RECOVERY`` steps."""
 
     FACTOR, WINDOW, MIN_STEPS, RECOVERY = 10.0, 100, 10, 10
+    FILE = "loss_watch.json"  # its state, in each checkpoint: a resumed run goes on watching
 
     def __init__(self, calm_checkpoint: Path | None = None):
         self.recent: deque[float] = deque(maxlen=self.WINDOW)  # losses before any spike: the baseline
         self.spike: tuple[int, float, float] | None = None  # (step, loss, median before it)
         self.calm_steps = 0
         self.calm_checkpoint = calm_checkpoint  # the newest checkpoint saved with no spike since the last
+
+    @classmethod
+    def resumed(cls, checkpoint: Path, output_dir: Path) -> SpikeWatch:
+        """The watch as ``checkpoint`` (verified) saved it; the checkpoint itself is calm unless a spike was on."""
+        watch = cls(head_checkpoint(output_dir, checkpoint))
+        try:
+            state = json.loads((checkpoint / cls.FILE).read_text())
+            recent, spike, calm_steps, calm = state["recent"], state["spike"], state["calm_steps"], state["calm_checkpoint"]
+        except (OSError, ValueError, TypeError, KeyError):  # none (an older checkpoint), or not ours
+            return watch
+        watch.recent.extend(float(loss) for loss in recent)
+        if spike is not None:
+            watch.spike, watch.calm_steps = (int(spike[0]), float(spike[1]), float(spike[2])), int(calm_steps)
+            watch.calm_checkpoint = output_dir / calm if calm and (output_dir / calm).is_dir() else None
+        return watch
+
+    def state(self) -> dict:
+        calm = self.calm_checkpoint.name if self.calm_checkpoint else None
+        return {"recent": list(self.recent), "spike": self.spike, "calm_steps": self.calm_steps, "calm_checkpoint": calm}
 
     def observe(self, step: int, loss: float) -> None:
         if self.spike is None:

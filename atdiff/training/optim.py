@@ -54,8 +54,10 @@ def apply_settings(optimizer: torch.optim.Optimizer, lr_scheduler, ema: EMAModel
         group["initial_lr"] = t.learning_rate
     scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # the one Accelerate's wrapper holds
     scheduler.base_lrs = [t.learning_rate] * len(optimizer.param_groups)
-    # Recompute the rates at the restored step (its lambdas are this config's: LambdaLR's state
-    # does not hold functions); step() sets every group's rate as it does in training.
-    scheduler.last_epoch -= 1
-    scheduler.step()
+    # The rates at the restored step, computed as LambdaLR.get_lr does (its lambdas are this
+    # config's: its state holds no functions), without stepping it again.
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates  # what get_last_lr() reports
     ema.decay, ema.power = t.ema_decay, t.ema_power

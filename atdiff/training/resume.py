@@ -18,7 +18,7 @@ import yaml
 
 from ..config import ExperimentConfig, ModelConfig, SECTIONS, config_from_dict
 from ..errors import UsageError
-from ..settings import REFUSED, Rule, rule_of
+from ..settings import REFUSED, Rule, applies, rule_of
 from .checkpoint import checkpoint_step, run_folder_of
 
 CONFIG = "config.yaml"  # in a run folder: the config in effect now; in a checkpoint: the one it was trained with
@@ -48,9 +48,8 @@ def check_resume(checkpoint: Path, cfg: ExperimentConfig) -> Resume:
     history = read_history(checkpoint)
     if not saved_file.is_file():  # a run folder whose config.yaml was removed: nothing to compare with
         return Resume(step, history=history)
-    changed = config_changes(read_saved_config(saved_file, checkpoint), cfg.to_dict())
-    # A key this atdiff no longer has (the saved config read as written) does nothing now.
-    changed = {key: values for key, values in changed.items() if rule_for(key) is not None}
+    saved = read_saved_config(saved_file, checkpoint)
+    changed = {key: values for key, values in config_changes(saved, cfg.to_dict()).items() if matters(key, saved, cfg.to_dict())}
     for key, (old, new) in changed.items():
         rule = rule_for(key)
         if rule.on_resume == REFUSED:
@@ -75,14 +74,32 @@ def rule_for(key: str) -> Rule | None:
     return rule_of(cls, name) if name in names or cls is ModelConfig else None
 
 
+def matters(key: str, saved: dict, current: dict) -> bool:
+    """Whether a change of ``key`` can change anything: not when atdiff no longer has the key (the saved
+    config read as written), nor when it did nothing then and does nothing now (an older atdiff
+    accepted keys its objective ignores)."""
+    rule = rule_for(key)
+    if rule is None:
+        return False
+    section = key.split(".")[0]
+    return applies(saved.get(section, {}), rule.applies_if) or applies(current[section], rule.applies_if)
+
+
 def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """``{"section.key": (saved value, current value)}`` for every key whose value differs."""
     return {
         f"{section}.{key}": (saved.get(section, {}).get(key), current[section].get(key))
         for section in SECTIONS
         for key in sorted(set(saved.get(section, {})) | set(current[section]))
-        if saved.get(section, {}).get(key) != current[section].get(key)
+        if not same_value(saved.get(section, {}).get(key), current[section].get(key))
     }
+
+
+def same_value(old: Any, new: Any) -> bool:
+    """Equal, or two spellings of one existing path (``./data`` and its absolute path)."""
+    if old == new:
+        return True
+    return isinstance(old, str) and isinstance(new, str) and Path(old).exists() and Path(old).resolve() == Path(new).resolve()
 
 
 def read_saved_config(saved_config: Path, checkpoint: Path) -> dict:

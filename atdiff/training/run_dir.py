@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import fcntl
 import os
 import stat
@@ -24,6 +25,7 @@ from .checkpoint import list_checkpoints
 
 LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
 PIPELINE_INDEX = "model_index.json"
+STATS = "training_stats.json"
 # Errors that mean "the output folder cannot take our files", whichever file hit them.
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -119,6 +121,25 @@ def prepare_output_dir(output_dir: Path, record: dict[str, str]) -> None:
         remove_temp(stale)
     for name, text in record.items():
         write_atomic(output_dir / name, text)
+
+
+def later_run_outputs(output_dir: Path, step: int) -> list[Path]:
+    """What the run left at the top of its folder after ``step``: ``training_stats.json`` and the final
+    pipeline (``model_index.json`` and the components it names), when the stats are of a later step."""
+    stats = output_dir / STATS
+    try:
+        later = json.loads(stats.read_text()).get("steps", 0) > step
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    if not later:
+        return []
+    index = output_dir / PIPELINE_INDEX
+    try:
+        components = [name for name in json.loads(index.read_text()) if not name.startswith("_")] if index.is_file() else []
+    except (OSError, ValueError):
+        components = []
+    outputs = [stats, index, *(output_dir / name for name in components if Path(name).name == name)]
+    return [path for path in outputs if path.exists() and not path.is_symlink()]
 
 
 # ------------------------------------------------------------------------------------------------
