@@ -15,12 +15,14 @@ from pathlib import Path
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..errors import UsageError
+from ..config import ExperimentConfig
+from ..errors import UsageError, one_line
+from ..pipelines.trust import NOT_COMPONENTS, read_model_index
 from ..sampling import check_pipeline_dir
-from ..pipelines.trust import read_model_index
 
 ATCONV_PAPER = "https://arxiv.org/abs/2510.20092"
 TRAINING_RECORD = ("config.yaml", "training_stats.json")
+STATS_KEYS = ("steps", "images_seen", "params")  # what the card reads from training_stats.json without a default
 MIXERS = {
     "attention": "self-attention (the baseline ATConv replaces)",
     "atconv": "ATConv",
@@ -66,16 +68,22 @@ def read_run(folder: Path) -> RunRecord:
             f"(an imported or hand-made pipeline holds no training record)"
         )
     try:
-        config = yaml.safe_load((folder / "config.yaml").read_text())
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
         stats = json.loads((folder / "training_stats.json").read_text())
         model = json.loads((folder / "model" / "config.json").read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
-        raise UsageError(f"{folder}: its training record does not read ({err}); restore the files atdiff train wrote") from None
-    if not all(isinstance(part, dict) for part in (config, stats, model)):
-        raise UsageError(f"{folder}: config.yaml, training_stats.json or model/config.json is not what atdiff train wrote")
+        raise UsageError(f"{folder}: its training record does not read ({one_line(str(err))}); restore the files atdiff train wrote") from None
+    if not all(isinstance(part, dict) for part in (saved, stats, model)) or not all(key in stats for key in STATS_KEYS):
+        raise UsageError(
+            f"{folder}: config.yaml, training_stats.json (with {', '.join(STATS_KEYS)}) or model/config.json is not as "
+            f"atdiff train wrote it; restore the files atdiff train wrote"
+        )
+    # Keys added to atdiff since the run was saved read as their defaults.
+    defaults = ExperimentConfig().to_dict()
+    config = {section: {**values, **(saved.get(section) or {})} for section, values in defaults.items()}
     index = read_model_index(folder)
-    components = tuple(name for name, entry in index.items() if isinstance(entry, list) and entry[:1] != [None] and not name.startswith("_"))
-    grid = f"samples/step-{stats.get('steps', 0):07d}.png"
+    components = tuple(name for name, entry in index.items() if name not in NOT_COMPONENTS and isinstance(entry, list) and entry[:1] != [None])
+    grid = f"samples/step-{stats['steps']:07d}.png"
     return RunRecord(folder, config, stats, model, components, index["scheduler"][1], grid if (folder / grid).is_file() else None)
 
 
