@@ -124,9 +124,10 @@ def facts(run: RunRecord) -> str:
     if mixer != "attention":
         mixer += f" (kernel {m.get('atconv_kernel_size')}, {m.get('atconv_pooling')} pooling, inhibition {'on' if m.get('atconv_inhibition') else 'off'})"
     grid = m.get("sample_size")
-    images = f"{d['resolution']}x{d['resolution']}, {m.get('in_channels')} channel(s)"
+    channels = m.get("in_channels")
+    images = f"{d['resolution']}x{d['resolution']}, {channels} channel{'s' if channels != 1 else ''}"
     if d.get("vae"):
-        images = f"{d['resolution']}x{d['resolution']} images as {m.get('in_channels')}x{grid}x{grid} latents of `{d['vae']}`"
+        images = f"{d['resolution']}x{d['resolution']} images as {channels}x{grid}x{grid} latents of `{d['vae']}`"
     rows = {
         "model": f"`{m.get('_class_name')}`{f' {size}' if size else ''}, {s['params']:,} parameters",
         "token mixer": mixer,
