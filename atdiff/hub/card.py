@@ -140,7 +140,7 @@ def facts(run: RunRecord) -> str:
         ),
     }
     if c["model"].get("init_from"):
-        rows["training"] += "; started from an attention model's weights (model.init_from)"
+        rows["training"] += "; started from another model's weights (model.init_from)"
     if c["objective"].get("distill_from"):
         rows["training"] += f"; distilled from a teacher (weight {c['objective']['distill_weight']:g})"
     return "| | |\n| --- | --- |\n" + "\n".join(f"| {key} | {value} |" for key, value in rows.items())
