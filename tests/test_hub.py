@@ -29,6 +29,7 @@ from test_training import one_thread, tiny  # noqa: F401 (one_thread: an autouse
 pytestmark = needs_fid_assets  # a tiny run with evals: Fashion-MNIST and the Inception weights
 REPO = "someone/tiny-atconv"
 LICENSES = ("apache-2.0", "mit", "cc-by-4.0")  # a few of the ids the Hub accepts
+COMMIT = "1" * 40  # the fake Hub's one commit
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,8 @@ def test_card_says_what_the_model_is(run):
     # the final sample grid, linked relative to the folder it sits in
     [grid] = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
     assert grid == "samples/step-0000006.png" and (run / grid).is_file()
-    assert f'snapshot_download("{REPO}")' in text and f'DiffusionPipeline.from_pretrained("{REPO}", trust_remote_code=True)' in text
+    assert f'ImageDiffusionPipeline.from_pretrained(snapshot_download("{REPO}"))' in text
+    assert f'DiffusionPipeline.from_pretrained(snapshot_download("{REPO}"), trust_remote_code=True)' in text
 
 
 def test_atdiff_card_writes_the_card_whose_snippets_run(run, tmp_path, monkeypatch, capsys):
@@ -116,8 +118,25 @@ class FakeHub:
                 return httpx2.Response(409, json={"error": "You already created this model repo", "url": url})
             self.repos[repo] = {"private": body.get("visibility") == "private", "files": {}}
             return httpx2.Response(200, json={"url": url, "name": repo})
-        if method == "GET" and (repo := path.removeprefix("/api/models/")) in self.repos:
-            return httpx2.Response(200, json={"id": repo, "private": self.repos[repo]["private"], "sha": "0" * 40})
+        if method == "GET" and path.startswith("/api/models/"):  # repo info, file tree
+            repo, _, rest = path.removeprefix("/api/models/").partition("/revision/")
+            repo, _, tree = repo.partition("/tree/")
+            if repo not in self.repos:
+                return httpx2.Response(404, json={"error": "Repository not found"}, headers={"X-Error-Code": "RepoNotFound"})
+            files = self.repos[repo]["files"]
+            if tree:
+                return httpx2.Response(200, json=[{"type": "file", "path": name, "size": len(content), "oid": git_blob_id(content)}
+                                                  for name, content in sorted(files.items())])
+            return httpx2.Response(200, json={"id": repo, "private": self.repos[repo]["private"], "sha": COMMIT,
+                                              "siblings": [{"rfilename": name} for name in sorted(files)]})
+        if method in ("HEAD", "GET") and "/resolve/" in path:  # a file download
+            repo, _, name = path.strip("/").partition("/resolve/")
+            name = name.partition("/")[2]
+            content = self.repos.get(repo, {}).get("files", {}).get(name)
+            if content is None:
+                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"})
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{git_blob_id(content)}"', "Content-Length": str(len(content))}
+            return httpx2.Response(200, headers=headers, content=b"" if method == "HEAD" else content)
         if (method, path) == ("POST", "/api/validate-yaml"):  # the card's metadata, checked before any upload
             license = ModelCard(json.loads(request.content)["content"]).data.license
             if license not in (None, *LICENSES):
@@ -145,8 +164,12 @@ class FakeHub:
                     self.repos[repo]["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 elif item["key"] == "lfsFile":
                     self.repos[repo]["files"][item["value"]["path"]] = self.lfs[item["value"]["oid"]]
-            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40})
+            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{COMMIT}", "commitOid": COMMIT})
         return httpx2.Response(404, json={"error": f"the fake Hub has no {method} {path}"})
+
+
+def git_blob_id(content: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 @pytest.fixture
@@ -185,6 +208,26 @@ def test_push_uploads_the_pipeline_with_its_card(run, hub, tmp_path, capsys):
     images = pipe(class_labels=[0, 1], num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 32, 32)
     assert main(["sample", str(download), "--num-images", "4", "--out", str(tmp_path / "grid.png")]) == 0
+
+
+def test_the_cards_snippets_load_the_pushed_repo(run, hub, tmp_path, monkeypatch):
+    """Each way the card gives to load the model from the Hub runs as written: snapshot_download, diffusers'
+    DiffusionPipeline with trust_remote_code, and `hf download` then `atdiff sample`."""
+    assert main(["push", str(run), REPO, "--token", "hf_test"]) == 0
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not the user's Hub cache
+    monkeypatch.chdir(tmp_path)
+    card = hub.repos[REPO]["files"]["README.md"].decode()
+    python, [bash] = code_blocks(card, "python"), code_blocks(card, "bash")
+    for block in python:
+        scope = {}
+        exec(block, scope)
+        assert scope["pipe"].model.config.token_mixer == "atconv" and type(scope["pipe"]) is ImageDiffusionPipeline
+    download, sample = [shlex.split(line) for line in bash.splitlines()]
+    assert download[:2] == ["hf", "download"]
+    from huggingface_hub.cli.hf import app  # the `hf` command, run here so that it meets the fake Hub
+
+    app(download[1:], standalone_mode=False)
+    assert main(sample[1:]) == 0 and (tmp_path / "samples.png").is_file()
 
 
 def test_push_into_an_existing_public_repo_refuses_private(run, hub, capsys):

@@ -190,31 +190,27 @@ def evals(run: RunRecord) -> str:
 
 
 def usage(run: RunRecord, source: str, on_hub: bool) -> str:
-    """How to load and sample it: from a local folder, which runs no code from it, or through diffusers' loader."""
+    """How to load and sample it, each way tested as written. From the Hub, both loaders take the downloaded
+    folder: diffusers' Hub download accepts no component library besides its own and transformers'."""
     sampling = run.config["sampling"]
     inputs = f"class_labels=[0, 1, 2, 3], guidance_scale={sampling['guidance_scale']:g}" if run.num_classes else "batch_size=4"
     if on_hub:
-        folder = source.split("/")[-1]
-        load = (
-            f"from huggingface_hub import snapshot_download\n\nfrom atdiff.pipelines import ImageDiffusionPipeline\n\n"
-            f'folder = snapshot_download("{source}")\n'
-            f"pipe = ImageDiffusionPipeline.from_pretrained(folder)  # runs no code from the folder"
-        )
-        command = f"hf download {source} --local-dir {folder}\natdiff sample {folder} --num-images 64 --out samples.png"
+        download = "from huggingface_hub import snapshot_download\n"
+        folder, local = f'snapshot_download("{source}")', source.split("/")[-1]
+        command = f"hf download {source} --local-dir {local}\natdiff sample {local} --num-images 64 --out samples.png"
     else:
-        load = (
-            f"from atdiff.pipelines import ImageDiffusionPipeline\n\n"
-            f'pipe = ImageDiffusionPipeline.from_pretrained("{source}")  # runs no code from the folder'
-        )
+        download, folder = "", f'"{source}"'
         command = f"atdiff sample {source} --num-images 64 --out samples.png"
     return f"""## Use
 
-With atdiff installed (it provides the model and pipeline classes):
+With atdiff installed (it provides the model and pipeline classes){", from a download of this repository" if on_hub else ""}:
 
 ```python
 import torch
-{load}
+{download}
+from atdiff.pipelines import ImageDiffusionPipeline
 
+pipe = ImageDiffusionPipeline.from_pretrained({folder})  # runs no code from the folder
 images = pipe({inputs}, num_inference_steps={sampling['num_inference_steps']},
               generator=torch.Generator().manual_seed(0)).images
 ```
@@ -224,8 +220,8 @@ atdiff.pipelines import ImageDiffusionPipeline`), hence `trust_remote_code=True`
 
 ```python
 from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{source}", trust_remote_code=True)
+{download}
+pipe = DiffusionPipeline.from_pretrained({folder}, trust_remote_code=True)
 ```
 
 From the command line (sampled as the run's `sampling` section says, unless flags override it):
