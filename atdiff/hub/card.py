@@ -191,7 +191,7 @@ def evals(run: RunRecord) -> str:
 
 def usage(run: RunRecord, source: str, on_hub: bool) -> str:
     """How to load and sample it, each way tested as written. From the Hub, both loaders take the downloaded
-    folder: diffusers' Hub download accepts no component library besides its own and transformers'."""
+    folder: diffusers' Hub download accepts only component libraries it knows (diffusers, transformers, ...)."""
     sampling = run.config["sampling"]
     inputs = f"class_labels=[0, 1, 2, 3], guidance_scale={sampling['guidance_scale']:g}" if run.num_classes else "batch_size=4"
     if on_hub:
@@ -201,6 +201,7 @@ def usage(run: RunRecord, source: str, on_hub: bool) -> str:
     else:
         download, folder = "", f'"{source}"'
         command = f"atdiff sample {source} --num-images 64 --out samples.png"
+    note = ". Both loaders take the downloaded folder: diffusers' Hub download refuses atdiff's model class" if on_hub else ""
     return f"""## Use
 
 With atdiff installed (it provides the model and pipeline classes){", from a download of this repository" if on_hub else ""}:
@@ -216,7 +217,7 @@ images = pipe({inputs}, num_inference_steps={sampling['num_inference_steps']},
 ```
 
 diffusers' generic loader works too. It imports the folder's `pipeline.py` (one line: `from
-atdiff.pipelines import ImageDiffusionPipeline`), hence `trust_remote_code=True`:
+atdiff.pipelines import ImageDiffusionPipeline`), hence `trust_remote_code=True`{note}:
 
 ```python
 from diffusers import DiffusionPipeline
