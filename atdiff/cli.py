@@ -18,6 +18,8 @@ COMMANDS = {
     "train": ("atdiff.training.cli", "train a diffusion model from a YAML config (Accelerate)"),
     "sample": ("atdiff.sampling", "generate images from a trained pipeline folder"),
     "fid": ("atdiff.eval.fid", "FID/KID (torch-fidelity) between two image sets"),
+    "card": ("atdiff.hub.card_cli", "write the model card (README.md) of a finished run"),
+    "push": ("atdiff.hub.push_cli", "upload a finished run to the Hugging Face Hub with its model card"),
     "compare": ("atdiff.eval.compare", "train, sample and evaluate attention vs ATConv configs; write a report"),
     "bench": ("atdiff.eval.bench", "benchmark ATConv vs attention: mixers and whole models"),
     "import": ("atdiff.upstream.importing", "a DiT/SiT/ATConv-SiT/diffusers checkpoint as an atdiff pipeline folder"),

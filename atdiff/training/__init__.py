@@ -7,6 +7,7 @@
 - ``run_dir``: the output folder (checks, lock, record files, the final pipeline folder),
 - ``tensor_tree``: state dicts (optimizer, LR schedule, EMA, RNG) as pickle-free safetensors,
 - ``timing``: step timer and the run's wall clock (memory figures: ``atdiff.memory``),
+- ``trackers``: ``training.log_with`` checked before the run, sample grids to TensorBoard and wandb,
 - ``cli``: ``atdiff train``.
 """
 

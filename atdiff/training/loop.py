@@ -62,6 +62,7 @@ from .run_dir import (
 )
 from ..sampling import use_scheduler
 from .timing import RunClock, StepTimer
+from .trackers import check_tracker_installed, log_image
 
 
 class TrainingDiverged(RuntimeError):
@@ -107,6 +108,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     if resume not in (None, "latest"):
         checkpoint_folder(resume, output_dir)  # a mistyped path is refused before the folder is created
     refuse_sharded_training()
+    check_tracker_installed(cfg.training.log_with)
     data = load_training_data(cfg.data)  # before any work: a latent config may lack its store
     accelerator = make_accelerator(cfg, output_dir)
     with run_lock(output_dir) if accelerator.is_main_process else nullcontext():
@@ -530,8 +532,10 @@ class Trainer:
             rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
             path = self.output_dir / "samples" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
+            grid = make_image_grid(images, rows, n // rows)
             with atomic_path(path) as partial:  # replaces whatever has the name (a link, a grid cut by a kill)
-                make_image_grid(images, rows, n // rows).save(partial, format="PNG")
+                grid.save(partial, format="PNG")
+            log_image(self.accelerator, "samples", grid, step)
         self.accelerator.wait_for_everyone()
 
     def save_pipeline(self) -> None:
