@@ -101,7 +101,7 @@ def loss_counter(monkeypatch, action, at_call: int):
 
 
 def test_loss_goes_down(tmp_path):
-    cfg = tiny(tmp_path / "run", max_steps=60, batch_size=16, gradient_accumulation_steps=1, lr_scheduler="constant",
+    cfg = tiny(tmp_path / "run", max_steps=60, batch_size=16, gradient_accumulation_steps=1, lr_scheduler="constant", lr_warmup_steps=0,
                checkpoint_every=0, sample_every=0)
     result = train(cfg)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-10:]) / 10
