@@ -11,6 +11,7 @@ A checkpoint folder holds::
     progress.json            step, images drawn (the data position), skipped steps
     config.yaml, config_history.json
                              the record of the settings it was trained with (``atdiff.training.resume``)
+    loss_watch.json          the loop's loss-spike watch (``loop.SpikeWatch``)
     manifest.json            written last: each file above with its size and sha256
 
 Nothing in it is unpickled (Accelerate's ``save_state`` pickles RNG and custom states and loads
