@@ -31,7 +31,8 @@ from .devices import check_device
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, check_writable, write_atomic
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
-from .pipelines.trust import check_no_code_from_folder, read_model_index
+from .integrity import read_model_index
+from .pipelines.trust import check_no_code_from_folder
 
 SETTINGS_FILE = "atdiff_sample.json"
 RECORD_KEY = "atdiff_sample"  # where a grid (PNG text chunk, JPEG comment) or npz keeps its settings
@@ -291,6 +292,8 @@ def load_pipeline(pipeline_dir: Path, scheduler: str | None, device: str) -> Ima
     check_pipeline_dir(pipeline_dir)
     try:
         pipe = ImageDiffusionPipeline.from_pretrained(pipeline_dir)
+    except UsageError:  # already one line naming the file (a damaged or refused one)
+        raise
     # diffusers' errors for a folder whose files do not describe a loadable pipeline (a class the library
     # lacks, weights that do not fit the config, ...): the folder is the user's input.
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:

@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from atdiff import DiTModel, dit_size
 from atdiff.cli import main
 from atdiff.errors import UsageError
+from atdiff.integrity import verify_pipeline
 from atdiff.objectives import ObjectiveConfig, build_objective
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.upstream import ImportOptions, export_pipeline, import_checkpoint
@@ -256,6 +257,7 @@ def test_import_cli_writes_a_pipeline_folder_and_never_overwrites(tmp_path, caps
     assert "atconv" in capsys.readouterr().out
     loaded = ImageDiffusionPipeline.from_pretrained(out)
     assert loaded.config.prediction_type == "flow_prediction" and loaded.model.config.time_convention == "sit"
+    assert verify_pipeline(out)
     assert main(["import", str(src), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     export = tmp_path / "back.pt"
@@ -327,6 +329,19 @@ def test_diffusers_pipeline_round_trip_keeps_the_vae(tmp_path):
     assert with_vae.vae is not None
     with pytest.raises(UsageError, match="is not an AutoencoderKL folder"):
         import_checkpoint(tmp_path / "dit.pt", ImportOptions(vae=str(tmp_path)))
+
+
+def test_an_exported_diffusers_pipeline_is_verified_when_imported(tmp_path, capsys):
+    model = dit("diffusers")
+    export_pipeline(ImageDiffusionPipeline(model=model, scheduler=pipeline(model).scheduler, vae=tiny_vae()), "diffusers", tmp_path / "p")
+    weights = tmp_path / "p" / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["import", str(tmp_path / "p"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atdiff import: error: ") and len(err.strip().splitlines()) == 1
+    assert "transformer/diffusion_pytorch_model.safetensors does not match its sha256" in err and not (tmp_path / "out").exists()
 
 
 def test_vae_folder_that_does_not_load_is_one_line(tmp_path, capsys):

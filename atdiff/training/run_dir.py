@@ -22,11 +22,11 @@ import yaml
 from ..config import ExperimentConfig, config_from_dict
 from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, remove_temp, temp_path, write_atomic
+from ..integrity import PIPELINE_INDEX
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import list_checkpoints, run_folder_of
 
 LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
-PIPELINE_INDEX = "model_index.json"
 # Errors that mean "the output folder cannot take our files", whichever file hit them.
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -158,9 +158,10 @@ def prepare_output_dir(output_dir: Path, cfg: ExperimentConfig) -> None:
 
 
 def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
-    """Make ``output_dir`` a diffusers pipeline folder. The pipeline is written aside; the old
-    ``model_index.json`` goes first and the new one comes last, so whenever the folder has one,
-    every component it names is complete and of the same pipeline."""
+    """Make ``output_dir`` a diffusers pipeline folder. The pipeline, with its manifest, is written
+    aside; the old ``model_index.json`` goes first and the new one comes last, after the components
+    and the manifest, so whenever the folder has one, every component it names is complete, of the
+    same pipeline, and verifies (a folder without one is no pipeline yet)."""
     staging = temp_path(output_dir / "pipeline")
     remove_temp(staging)
     pipeline.save_pretrained(staging)

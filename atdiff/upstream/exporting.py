@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ..errors import UsageError
 from ..files import atomic_path
+from ..integrity import write_pipeline_manifest
 from ..models.dit import DIT_SIZES, DiTModel
 from ..pipelines import ImageDiffusionPipeline
 from ..pipelines.schedulers import FLOW_PREDICTION
@@ -144,4 +145,6 @@ def save_diffusers(pipe: ImageDiffusionPipeline, out: Path) -> None:
         return
     # DiTPipeline drops the learned-sigma channels before the scheduler, so its DDPM uses fixed variances.
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
-    save_pipeline_folder(DiTPipeline(transformer=transformer, vae=pipe.vae, scheduler=scheduler), out)
+    with atomic_path(out) as partial:
+        DiTPipeline(transformer=transformer, vae=pipe.vae, scheduler=scheduler).save_pretrained(partial)
+        write_pipeline_manifest(partial)  # diffusers writes none; `atdiff import` verifies it
