@@ -214,8 +214,16 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     good = tmp_path / "good.pt"
     torch.save(timm_weights(dit()), good)
     files = {"truncated": tmp_path / "truncated.pt", "pickle": tmp_path / "pickle.pt", "unet": tmp_path / "unet.pt",
-             "text": tmp_path / "notes.pt"}
+             "text": tmp_path / "notes.pt", "flipped": tmp_path / "flipped.pt", "nan": tmp_path / "nan.pt"}
     files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # One flipped byte inside a tensor's data: torch.load reads it without complaint, as other weights.
+    weights = timm_weights(dit())
+    data, table = good.read_bytes(), weights["y_embedder.embedding_table.weight"].numpy().tobytes()
+    at = data.index(table) + len(table) // 2
+    files["flipped"].write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:])
+    assert set(torch.load(files["flipped"], weights_only=True)) == set(weights)
+    weights["final_layer.linear.bias"][1] = float("nan")
+    torch.save(weights, files["nan"])
     files["text"].write_text("hi\n")  # garbage the weights-only unpickler fails on with a bare KeyError
     torch.save({"model": {"x": torch.zeros(1)}, "args": Payload()}, files["pickle"])
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
@@ -229,6 +237,8 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     ("text", ["is not a readable PyTorch checkpoint (truncated or corrupt?)"]),
     ("pickle", ["holds an object of print, which atdiff does not unpickle"]),
     ("unet", ["is not a DiT/SiT checkpoint", "expected a DiT/SiT state dict (keys such as x_embedder.proj.weight"]),
+    ("flipped", ["(a tensor's data) fails its CRC check: the file is corrupted"]),
+    ("nan", ["tensor final_layer.linear.bias holds NaN or infinite values"]),
 ])
 def test_bad_files_are_usage_errors(kind, messages, tmp_path, capsys):
     src = bad_files(tmp_path)[kind]
