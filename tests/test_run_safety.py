@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -332,6 +333,45 @@ def test_a_second_process_is_refused_with_the_holders_pid(tmp_path, capsys):
         holder.wait()
     with run_lock(out):
         assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+
+
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_killed_run_with_data_workers_resumes_at_once(tmp_path, capsys):
+    """SIGKILL to a run whose DataLoader workers live on (they notice the parent's death only seconds
+    later): the lock goes with the main process, so an immediate --resume is not refused."""
+    out = tmp_path / "run"
+    raw = tiny(out, max_steps=10_000).to_dict()
+    raw["data"]["num_workers"] = 2
+    config = write_config(config_from_dict(raw), tmp_path / "run.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "atdiff", "train", "--config", str(config)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(out) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = children_of(run.pid)
+        assert list_checkpoints(out) and len(workers) >= 2, run.stderr.read() if run.poll() is not None else "no checkpoint"
+    finally:
+        run.kill()
+        run.wait()
+    with run_lock(out):  # at once: the workers are still alive, and no longer hold anything
+        assert any(Path(f"/proc/{pid}").exists() for pid in workers)
+    step = list_checkpoints(out)[-1][0]
+    raw["training"]["max_steps"] = step + 1
+    assert main(["train", "--config", str(write_config(config_from_dict(raw), config)), "--resume", "latest"]) == 0
+    assert f"resumed from {out / f'checkpoint-{step}'}" in capsys.readouterr().out
 
 
 def folder_contents(folder: Path) -> list:

@@ -88,8 +88,14 @@ def read_saved_config(saved_config: Path, resume_from: Path) -> dict:
 
 @contextmanager
 def run_lock(output_dir: Path) -> Iterator[None]:
-    """Hold the run folder for one process: an exclusive ``flock`` on its lock file, which the OS
-    releases when the process ends however it ends, so a crash never leaves a stale lock."""
+    """Hold the run folder for this process: an exclusive lock on its lock file, which the OS releases
+    when the process ends however it ends, so a crash or a kill never leaves a stale lock.
+
+    The lock is a POSIX record lock (``lockf``), which belongs to the process: children it forks
+    (DataLoader workers) do not inherit it. A ``flock`` belongs to the open file, which forked
+    workers share, so a killed run's workers kept its folder locked until they noticed, seconds
+    later, and an immediate ``--resume`` was refused. The price of ``lockf``: a process loses the lock
+    when it closes any descriptor of the file, so nothing but this function ever opens it."""
     lock = output_dir / LOCK_NAME
     created = not output_dir.exists()
     try:
@@ -106,8 +112,10 @@ def run_lock(output_dir: Path) -> Iterator[None]:
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             raise UsageError(f"{lock} is not a plain file of its own (a hard link or a device); remove it or pass another --output-dir")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise UsageError(
                 f"{output_dir} is in use by another atdiff train (PID {holder}); wait for it to end or pass another --output-dir"
