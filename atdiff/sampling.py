@@ -216,15 +216,18 @@ def fill_folder(
     with tqdm(total=len(missing), unit="img", desc="sampling", disable=not progress) as bar:
         for first in range(0, len(missing), batch_size):
             indices = missing[first : first + batch_size]
-            images = pipe(
-                batch_size=len(indices),
-                class_labels=labels_of(indices, record.class_labels, num_classes),
-                num_inference_steps=record.sampling.num_inference_steps,
-                guidance_scale=record.sampling.guidance_scale,
-                guidance_channels=record.sampling.guidance_channels,
-                generator=[image_generator(record.sampling.seed, i) for i in indices],
-                output_type="np",
-            ).images
+            try:
+                images = pipe(
+                    batch_size=len(indices),
+                    class_labels=labels_of(indices, record.class_labels, num_classes),
+                    num_inference_steps=record.sampling.num_inference_steps,
+                    guidance_scale=record.sampling.guidance_scale,
+                    guidance_channels=record.sampling.guidance_channels,
+                    generator=[image_generator(record.sampling.seed, i) for i in indices],
+                    output_type="np",
+                ).images
+            except ValueError as err:  # the arguments were checked: non-finite samples
+                raise UsageError(f"images {indices[0]}..{indices[-1]}, none of them written: {err}") from None
             for i, image in zip(indices, images):
                 save_png_atomically((image * 255).round().astype(np.uint8), image_path(folder, i))
             bar.update(len(indices))

@@ -150,6 +150,9 @@ class ImageDiffusionPipeline(DiffusionPipeline):
     def check_guidance(self, guidance_scale: float) -> None:
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale} is not a finite number (1 turns guidance off)")
+        largest = torch.finfo(self.model.dtype).max
+        if abs(guidance_scale) > largest:  # it would be inf in the model's dtype, and the images NaN
+            raise ValueError(f"guidance_scale={guidance_scale} is beyond what {self.model.dtype} holds ({largest:.3g}); useful values are about 1 to 10")
         if guidance_scale == 1.0:
             return
         if not self.num_classes:
@@ -271,6 +274,8 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             model_output = self.predict(x_in, t, labels, guidance_scale, guidance_channels)
             x = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        if not torch.isfinite(x).all():  # decoded, these would be flat black or white images
+            raise ValueError(f"sampling gave NaN or infinite values (guidance_scale={guidance_scale}): lower the guidance, or check the model")
 
         if output_type == "latent":
             images = x

@@ -441,6 +441,26 @@ def test_a_guidance_that_is_not_finite_is_refused(trained_dir, tmp_path, capsys,
     assert not list((tmp_path / "x").glob("*.png"))
 
 
+def test_a_guidance_too_large_for_the_model_is_refused(trained_dir, tmp_path, capsys):
+    """1e300 is finite as a Python float but inf in float32: it would write black images and exit 0."""
+    assert sample(trained_dir, tmp_path / "x", "--num-images", "1", "--guidance", "1e300") == 2
+    last_line = error_of(capsys).splitlines()[-1]
+    assert last_line.startswith("atdiff sample: error: guidance_scale=1e+300 is beyond what torch.float32 holds")
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_images_are_never_written(trained_dir, tmp_path, capsys, monkeypatch):
+    """A guidance the model's dtype holds can still overflow inside the model: the samples are checked
+    before they are decoded into flat black or white PNGs."""
+    overflowing = lambda self, x, *args, **kwargs: torch.full_like(x, float("inf"))  # noqa: E731
+    monkeypatch.setattr(ImageDiffusionPipeline, "predict", overflowing)
+    assert sample(trained_dir, tmp_path / "y", "--num-images", "2", "--guidance", "1e30") == 2
+    last_line = error_of(capsys).splitlines()[-1]
+    assert last_line == ("atdiff sample: error: images 0..1, none of them written: sampling gave NaN or infinite values "
+                         "(guidance_scale=1e+30): lower the guidance, or check the model")
+    assert not list((tmp_path / "y").glob("*.png"))
+
+
 def test_bad_counts_and_device(ddpm_dir, tmp_path, capsys):
     assert sample(ddpm_dir, tmp_path / "x", "--num-images", "0") == 2
     assert "--num-images must be at least 1" in error_of(capsys)
