@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -272,6 +273,8 @@ def test_import_cli_writes_a_pipeline_folder_and_never_overwrites(tmp_path, caps
     assert "already exists" in capsys.readouterr().err
     export = tmp_path / "back.pt"
     assert main(["export", str(out), "--to", "sit", "--out", str(export)]) == 0
+    with zipfile.ZipFile(export) as archive:  # not the temporary file's name
+        assert {name.split("/")[0] for name in archive.namelist()} == {"archive"}
     assert_same_model(loaded.model, import_checkpoint(export).model)
 
 

@@ -55,8 +55,10 @@ def export_pipeline(pipe: ImageDiffusionPipeline, to: str, out: Path) -> None:
         save_diffusers(pipe, out)
     else:
         weights = timm_weights(model)
-        with atomic_path(out) as partial:
-            torch.save({"model": weights, "ema": weights, "args": upstream_args(pipe, to)}, partial)
+        # To a file object: torch.save names the zip's inner folder after a path's stem, which here would
+        # be the temporary name; a file object's is "archive".
+        with atomic_path(out) as partial, open(partial, "wb") as file:
+            torch.save({"model": weights, "ema": weights, "args": upstream_args(pipe, to)}, file)
 
 
 def timm_weights(model: DiTModel) -> dict:
