@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 PIPELINE_FORMAT, PIPELINE_VERSION = "atdiff-pipeline", 1
 PIPELINE_INDEX = "model_index.json"
 PIPELINE_MODULE = "pipeline"  # pipeline.py, written by ImageDiffusionPipeline.save_pretrained
-# Weight files diffusers would unpickle (with weights_only=True, or not at all on older versions).
+# Weight files diffusers would unpickle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -95,6 +95,7 @@ def check_nothing_unlisted(folder: Path, files: dict, subfolders: Iterable[str])
 
 
 def read_model_index(folder: Path) -> dict:
+    """``model_index.json`` as a dict; a UsageError naming it if it is not a JSON object."""
     path = folder / PIPELINE_INDEX
     try:
         index = json.loads(path.read_text())

@@ -30,8 +30,8 @@ from .config import SamplingConfig, section_from_dict
 from .devices import check_device
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, check_writable, write_atomic
-from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .integrity import read_model_index
+from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder
 
 SETTINGS_FILE = "atdiff_sample.json"

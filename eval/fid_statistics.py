@@ -81,9 +81,9 @@ def read_statistics(path: str | os.PathLike) -> FidStatistics:
 
 def covariance_problem(sigma: np.ndarray) -> str | None:
     """Why ``sigma`` is no covariance matrix (symmetric, positive semi-definite, within rounding); None if it is one."""
-    scale = np.abs(sigma).max()
-    if np.abs(sigma - sigma.T).max() > COVARIANCE_TOLERANCE * scale:
-        return f"not symmetric: entries differ from their transpose by up to {np.abs(sigma - sigma.T).max():.3g}"
+    asymmetry = np.abs(sigma - sigma.T).max()
+    if asymmetry > COVARIANCE_TOLERANCE * np.abs(sigma).max():
+        return f"not symmetric: entries differ from their transpose by up to {asymmetry:.3g}"
     eigenvalues = np.linalg.eigvalsh(sigma)
     if eigenvalues[0] < -COVARIANCE_TOLERANCE * max(eigenvalues[-1], 0):
         return f"a negative eigenvalue, {eigenvalues[0]:.4g}, with the largest {eigenvalues[-1]:.4g}"
@@ -130,7 +130,7 @@ def fid_from_statistics(real: FidStatistics | dict, fake: FidStatistics | dict, 
     diff = mu_r - mu_f
     fid = float(diff.dot(diff) + np.trace(sigma_r) + np.trace(sigma_f) - 2 * tr_covmean)
     # A distance: below 0 only by rounding (identical sets), unless a sigma is no covariance.
-    if fid < -COVARIANCE_TOLERANCE * (np.trace(sigma_r) + np.trace(sigma_f) + diff.dot(diff)):
+    if fid < -COVARIANCE_TOLERANCE * (abs(np.trace(sigma_r)) + abs(np.trace(sigma_f)) + diff.dot(diff)):
         raise UsageError(f"FID came out negative ({fid:.4g}): the statistics' sigma is not a covariance matrix")
     return max(fid, 0.0)
 
