@@ -92,7 +92,7 @@ def test_a_covariance_that_is_negative_is_refused_through_the_cli(tmp_path, caps
 def test_fid_is_never_negative(tmp_path):
     stats = random_statistics(2)
     assert fid_from_statistics(stats, stats) == 0.0  # identical sets: rounding alone gives about -4e-5 here
-    not_psd = FidStatistics(stats.mu, -stats.sigma, "made in code, never read from a file")
+    not_psd = FidStatistics(stats.mu, -np.eye(FEATURE_DIM), "made in code, never read from a file")  # the issue's -1591
     with pytest.raises(UsageError, match="FID came out negative"):
         fid_from_statistics(stats, not_psd)
 
