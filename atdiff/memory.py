@@ -11,13 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 MB = 2**20
+KINETO_LOG_LEVEL = "KINETO_LOG_LEVEL"
+KINETO_SILENT = "6"  # kineto's levels: VERBOSE 0, INFO 1, WARNING 2, STAGE 3, ERROR 4, USDT 5; 6 logs none
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -56,7 +60,7 @@ def allocation_peak_bytes(work: Callable[[], object], device: torch.device) -> i
     # PyTorch keeps no CPU allocator statistics; its profiler records every allocation and free
     # (``kineto_results``, where torch.profiler._memory_profiler reads them too), so the running
     # sum over them, in time order, peaks where the call held most memory.
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_kineto(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type().name == "CPU"]
     live = peak = 0
@@ -64,6 +68,22 @@ def allocation_peak_bytes(work: Callable[[], object], device: torch.device) -> i
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def quiet_kineto() -> Iterator[None]:
+    """Kineto, the profiler's backend, logs to stderr when it starts: ``profiler_start`` trace points
+    and, with a CUDA build of torch on a machine without a GPU, ``ERROR: ... gpuGetDeviceCount failed``,
+    though nothing went wrong. It reads ``KINETO_LOG_LEVEL`` once, at its first start: unless the user
+    set it, that start logs nothing, and the environment is left as it was."""
+    if KINETO_LOG_LEVEL in os.environ:
+        yield
+        return
+    os.environ[KINETO_LOG_LEVEL] = KINETO_SILENT
+    try:
+        yield
+    finally:
+        os.environ.pop(KINETO_LOG_LEVEL, None)
 
 
 def process_peak_memory(device: torch.device) -> dict:

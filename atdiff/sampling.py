@@ -30,8 +30,9 @@ from .config import SamplingConfig, section_from_dict
 from .devices import check_device
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, check_writable, write_atomic
+from .integrity import read_model_index
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
-from .pipelines.trust import check_no_code_from_folder, read_model_index
+from .pipelines.trust import check_no_code_from_folder
 
 SETTINGS_FILE = "atdiff_sample.json"
 RECORD_KEY = "atdiff_sample"  # where a grid (PNG text chunk, JPEG comment) or npz keeps its settings
@@ -215,15 +216,18 @@ def fill_folder(
     with tqdm(total=len(missing), unit="img", desc="sampling", disable=not progress) as bar:
         for first in range(0, len(missing), batch_size):
             indices = missing[first : first + batch_size]
-            images = pipe(
-                batch_size=len(indices),
-                class_labels=labels_of(indices, record.class_labels, num_classes),
-                num_inference_steps=record.sampling.num_inference_steps,
-                guidance_scale=record.sampling.guidance_scale,
-                guidance_channels=record.sampling.guidance_channels,
-                generator=[image_generator(record.sampling.seed, i) for i in indices],
-                output_type="np",
-            ).images
+            try:
+                images = pipe(
+                    batch_size=len(indices),
+                    class_labels=labels_of(indices, record.class_labels, num_classes),
+                    num_inference_steps=record.sampling.num_inference_steps,
+                    guidance_scale=record.sampling.guidance_scale,
+                    guidance_channels=record.sampling.guidance_channels,
+                    generator=[image_generator(record.sampling.seed, i) for i in indices],
+                    output_type="np",
+                ).images
+            except ValueError as err:  # the arguments were checked: non-finite samples
+                raise UsageError(f"images {indices[0]}..{indices[-1]}, none of them written: {err}") from None
             for i, image in zip(indices, images):
                 save_png_atomically((image * 255).round().astype(np.uint8), image_path(folder, i))
             bar.update(len(indices))
@@ -291,6 +295,8 @@ def load_pipeline(pipeline_dir: Path, scheduler: str | None, device: str) -> Ima
     check_pipeline_dir(pipeline_dir)
     try:
         pipe = ImageDiffusionPipeline.from_pretrained(pipeline_dir)
+    except UsageError:  # already one line naming the file (a damaged or refused one)
+        raise
     # diffusers' errors for a folder whose files do not describe a loadable pipeline (a class the library
     # lacks, weights that do not fit the config, ...): the folder is the user's input.
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as err:

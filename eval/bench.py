@@ -720,6 +720,8 @@ def run_bench(cfg: BenchConfig, out: Path, stem: str, command: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if Path(args.stem).name != args.stem or args.stem in ("", ".", ".."):  # the files go into --out, nowhere else
+        raise UsageError(f"--stem {args.stem!r} is not a plain file name; name the folder with --out")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")

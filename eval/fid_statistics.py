@@ -22,6 +22,9 @@ from atdiff.errors import UsageError
 from atdiff.files import atomic_path
 
 FEATURE_DIM = 2048  # Inception-v3 pool_3, what every published FID statistic holds
+# Relative to the largest entry / eigenvalue: far above what float32 storage of a true covariance
+# gives (~1e-8), far below what makes a FID meaningless.
+COVARIANCE_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -71,7 +74,20 @@ def read_statistics(path: str | os.PathLike) -> FidStatistics:
         raise UsageError(f"{path}: {mu.size}-d statistics; FID here uses Inception-v3 pool_3 ({FEATURE_DIM}-d) features")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise UsageError(f"{path}: mu or sigma holds non-finite values")
+    if problem := covariance_problem(sigma):
+        raise UsageError(f"{path}: sigma is not a covariance ({problem}); the file is corrupted or not FID statistics")
     return FidStatistics(mu, sigma, f"{path} (statistics)", num, extractor)
+
+
+def covariance_problem(sigma: np.ndarray) -> str | None:
+    """Why ``sigma`` is no covariance matrix (symmetric, positive semi-definite, within rounding); None if it is one."""
+    asymmetry = np.abs(sigma - sigma.T).max()
+    if asymmetry > COVARIANCE_TOLERANCE * np.abs(sigma).max():
+        return f"not symmetric: entries differ from their transpose by up to {asymmetry:.3g}"
+    eigenvalues = np.linalg.eigvalsh(sigma)
+    if eigenvalues[0] < -COVARIANCE_TOLERANCE * max(eigenvalues[-1], 0):
+        return f"a negative eigenvalue, {eigenvalues[0]:.4g}, with the largest {eigenvalues[-1]:.4g}"
+    return None
 
 
 def write_statistics(stats: FidStatistics, path: str | os.PathLike, shared: bool = False) -> None:
@@ -112,7 +128,11 @@ def fid_from_statistics(real: FidStatistics | dict, fake: FidStatistics | dict, 
         product = root @ sigma_f @ root
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(product), 0, None)).sum()  # PSD: negatives are rounding
     diff = mu_r - mu_f
-    return float(diff.dot(diff) + np.trace(sigma_r) + np.trace(sigma_f) - 2 * tr_covmean)
+    fid = float(diff.dot(diff) + np.trace(sigma_r) + np.trace(sigma_f) - 2 * tr_covmean)
+    # A distance: below 0 only by rounding (identical sets), unless a sigma is no covariance.
+    if fid < -COVARIANCE_TOLERANCE * (abs(np.trace(sigma_r)) + abs(np.trace(sigma_f)) + diff.dot(diff)):
+        raise UsageError(f"FID came out negative ({fid:.4g}): the statistics' sigma is not a covariance matrix")
+    return max(fid, 0.0)
 
 
 def _arrays(stats: FidStatistics | dict) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from atdiff.integrity import PIPELINE_MODULE, check_pipeline_folder, write_pipeline_manifest
+
 from .schedulers import check_scheduler_fits, prediction_type_of
 from .trust import check_no_code_from_folder
 
@@ -22,7 +24,6 @@ from .trust import check_no_code_from_folder
 # names its class as ["pipeline", "ImageDiffusionPipeline"] and ships this one-line module: diffusers'
 # documented way to load a pipeline class it does not define, for users who call
 # `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`. atdiff itself never imports it.
-PIPELINE_MODULE = "pipeline"
 PIPELINE_MODULE_SOURCE = (
     "# Written by atdiff: lets DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) find the\n"
     "# pipeline class, which lives in the installed atdiff package rather than in diffusers.\n"
@@ -91,7 +92,8 @@ class ImageDiffusionPipeline(DiffusionPipeline):
     # -------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """``DiffusionPipeline.save_pretrained``, plus what lets ``DiffusionPipeline.from_pretrained`` find this class."""
+        """``DiffusionPipeline.save_pretrained``, plus what lets ``DiffusionPipeline.from_pretrained`` find this
+        class, and last the manifest that ``from_pretrained`` verifies."""
         super().save_pretrained(save_directory, **kwargs)
         folder = Path(save_directory)
         (folder / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
@@ -99,6 +101,7 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         index = json.loads(index_path.read_text())
         index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_pipeline_manifest(folder)
 
     @classmethod
     def from_pretrained(
@@ -106,9 +109,12 @@ class ImageDiffusionPipeline(DiffusionPipeline):
     ) -> "ImageDiffusionPipeline":
         """``DiffusionPipeline.from_pretrained`` that runs no code from the folder: its ``pipeline.py`` is never
         imported (this class is what it would import), and unless ``trust_remote_code=True`` every component
-        comes from the installed ``atdiff`` or ``diffusers``: anything else is refused."""
+        comes from the installed ``atdiff`` or ``diffusers``: anything else is refused. A local folder's files
+        are checked against its manifest, and its weights must be safetensors, floating point and finite."""
         if not trust_remote_code:
             check_no_code_from_folder(pretrained_model_name_or_path, cls)
+        if Path(pretrained_model_name_or_path).is_dir():
+            check_pipeline_folder(Path(pretrained_model_name_or_path))
         pipe = super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
         if kwargs.get("device_map") is None:  # without one, nothing is meant to stay on the meta device
             check_all_weights_loaded(pipe, pretrained_model_name_or_path)
@@ -144,6 +150,9 @@ class ImageDiffusionPipeline(DiffusionPipeline):
     def check_guidance(self, guidance_scale: float) -> None:
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale={guidance_scale} is not a finite number (1 turns guidance off)")
+        largest = torch.finfo(self.model.dtype).max
+        if abs(guidance_scale) > largest:  # it would be inf in the model's dtype, and the images NaN
+            raise ValueError(f"guidance_scale={guidance_scale} is beyond what {self.model.dtype} holds ({largest:.3g}); useful values are about 1 to 10")
         if guidance_scale == 1.0:
             return
         if not self.num_classes:
@@ -265,6 +274,8 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             x_in = self.scheduler.scale_model_input(x, t) if hasattr(self.scheduler, "scale_model_input") else x
             model_output = self.predict(x_in, t, labels, guidance_scale, guidance_channels)
             x = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        if not torch.isfinite(x).all():  # decoded, these would be flat black or white images
+            raise ValueError(f"sampling gave NaN or infinite values (guidance_scale={guidance_scale}): lower the guidance, or check the model")
 
         if output_type == "latent":
             images = x

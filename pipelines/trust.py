@@ -10,11 +10,11 @@ folder may hold a module of that name.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from atdiff.errors import UsageError
+from atdiff.integrity import read_model_index
 
 TRUSTED_LIBRARIES = ("atdiff", "diffusers")
 # Keys of model_index.json that are settings, not components.
@@ -23,17 +23,6 @@ NOT_COMPONENTS = ("_class_name", "_diffusers_version", "_name_or_path")
 
 def is_trusted_library(name: str) -> bool:
     return any(name == lib or name.startswith(f"{lib}.") for lib in TRUSTED_LIBRARIES)
-
-
-def read_model_index(folder: Path) -> dict:
-    path = folder / "model_index.json"
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"{path} is not readable JSON ({err}); pass a pipeline folder written by save_pretrained") from None
-    if not isinstance(index, dict):
-        raise UsageError(f"{path} is not a JSON object; pass a pipeline folder written by save_pretrained")
-    return index
 
 
 def check_no_code_from_folder(folder: str | os.PathLike, pipeline_class: type) -> None:

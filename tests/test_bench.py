@@ -63,6 +63,8 @@ def test_repeats_fill_the_budget_within_bounds():
     (["--widths", "100"], "head_dim"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "cuda|device"),
     (["--model-depth", "0"], "model_depth"),
+    (["--stem", "../../x"], "--stem '../../x' is not a plain file name"),
+    (["--stem", "sub/x"], "--stem 'sub/x' is not a plain file name"),
 ])
 def test_bad_input_is_a_usage_error(tmp_path, capsys, flags, message):
     assert main(["bench", *TINY, *flags, "--out", str(tmp_path)]) == 2

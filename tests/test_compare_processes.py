@@ -15,7 +15,10 @@ SCRIPT = textwrap.dedent(
     from atdiff.eval.compare import ChildProcesses
 
     children = ChildProcesses()
-    child = [sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); time.sleep(120)"]
+    # Each child reports its PID as the name of an empty file: two children writing lines into one
+    # pipe could interleave them.
+    report = "import os, sys, time; open(os.path.join(sys.argv[1], str(os.getpid())), 'x').close(); time.sleep(120)"
+    child = [sys.executable, "-c", report, sys.argv[1]]
     with children.forwarding_sigterm(), ThreadPoolExecutor(max_workers=2) as pool:
         print(sum(pool.map(lambda _: children.call(child), range(2))))
     """
@@ -31,10 +34,13 @@ def alive(pid: int) -> bool:
         return stat.read().split(") ")[-1][0] != "Z"
 
 
-def test_sigterm_reaches_the_children_and_waits_for_them():
-    parent = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
-    pids = [int(parent.stdout.readline()) for _ in range(2)]  # both children started
-    assert all(alive(pid) for pid in pids)
+def test_sigterm_reaches_the_children_and_waits_for_them(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)])
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.iterdir())) < 2 and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pids = [int(p.name) for p in tmp_path.iterdir()]
+    assert len(pids) == 2 and all(alive(pid) for pid in pids)  # both children started
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=30) == 128 + signal.SIGTERM
     deadline = time.monotonic() + 5

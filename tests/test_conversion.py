@@ -4,6 +4,7 @@ replaces) and distillation from a frozen teacher."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ def saved_unet(folder: Path) -> UNet2DModel:
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D")))
     unet.save_pretrained(folder)
     return unet
+
+
+def test_init_from_a_damaged_pipeline_is_refused_naming_the_file(teacher_dir, tmp_path):
+    copy = Path(shutil.copytree(teacher_dir, tmp_path / "teacher"))
+    weights = copy / "model" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(UsageError, match="model/diffusion_pytorch_model.safetensors does not match its sha256"):
+        build_model(config(copy, "atconv").model)
 
 
 def unet_config(init_from: Path, **objective):

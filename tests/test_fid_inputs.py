@@ -13,6 +13,7 @@ import torch_fidelity
 from PIL import Image
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
+from atdiff.cli import main
 from atdiff.errors import UsageError
 from atdiff.eval.fid import image_set, resolve_source, source_kind
 from atdiff.eval.fid_statistics import FEATURE_DIM, FidStatistics, fid_from_statistics, read_statistics, write_statistics
@@ -78,6 +79,24 @@ def test_atdiff_statistics_round_trip_with_metadata(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary file left
 
 
+def test_a_covariance_that_is_negative_is_refused_through_the_cli(tmp_path, capsys):
+    """The issue's case: sigma = -I made `atdiff fid` print a FID of -1591 with exit 0."""
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    write_statistics(random_statistics(0), good)
+    np.savez(bad, mu=np.zeros(FEATURE_DIM), sigma=-np.eye(FEATURE_DIM))
+    assert main(["fid", f"stats:{good}", f"stats:{bad}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"atdiff fid: error: {bad}: sigma is not a covariance") and len(err.splitlines()) == 1
+
+
+def test_fid_is_never_negative(tmp_path):
+    stats = random_statistics(2)
+    assert fid_from_statistics(stats, stats) == 0.0  # identical sets: rounding alone gives about -4e-5 here
+    not_psd = FidStatistics(stats.mu, -np.eye(FEATURE_DIM), "made in code, never read from a file")  # the issue's -1591
+    with pytest.raises(UsageError, match="FID came out negative"):
+        fid_from_statistics(stats, not_psd)
+
+
 @pytest.mark.parametrize(
     "arrays, message",
     [
@@ -85,6 +104,8 @@ def test_atdiff_statistics_round_trip_with_metadata(tmp_path):
         ({"mu": np.zeros(FEATURE_DIM), "sigma": np.eye(3)}, "not a \\(d,\\) mean"),
         ({"mu": np.full(FEATURE_DIM, np.nan), "sigma": np.eye(FEATURE_DIM)}, "non-finite"),
         ({"mu": np.array([{"a": 1}], dtype=object), "sigma": np.eye(2)}, "not a readable statistics"),
+        ({"mu": np.zeros(FEATURE_DIM), "sigma": -np.eye(FEATURE_DIM)}, "sigma is not a covariance \\(a negative eigenvalue, -1"),
+        ({"mu": np.zeros(FEATURE_DIM), "sigma": np.triu(np.ones((FEATURE_DIM, FEATURE_DIM)))}, "sigma is not a covariance \\(not symmetric"),
     ],
 )
 def test_bad_statistics_files_are_refused(tmp_path, arrays, message):

@@ -1,5 +1,9 @@
 """Memory figures: the model's own tensors (resident + peak of a piece of work) versus the process."""
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from atdiff import DiTModel, dit_size
@@ -51,3 +55,19 @@ def test_bigger_model_takes_more_and_the_interpreter_is_not_counted():
     process = process_peak_memory(torch.device("cpu"))["process_peak_mb"]
     # an interpreter with torch and diffusers imported is hundreds of MB; these models are a few
     assert small < 10 < 100 < process
+
+
+def test_measuring_on_the_cpu_prints_nothing(tmp_path):
+    """The profiler's backend (kineto) logged 'ERROR: ... gpuGetDeviceCount failed' and USDT lines on
+    every CPU run; the figure must come without them, and leave the environment as it was."""
+    script = (
+        "import os, torch\n"
+        "from atdiff.memory import allocation_peak_bytes\n"
+        "peak = allocation_peak_bytes(lambda: torch.ones(2**18) * 2, torch.device('cpu'))\n"
+        "print(peak, 'KINETO_LOG_LEVEL' in os.environ)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    peak, leaked = done.stdout.split()
+    assert 2 * 4 * 2**18 <= int(peak) < 2 * 4 * 2**18 + 1024 and leaked == "False"

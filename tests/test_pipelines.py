@@ -90,6 +90,7 @@ def tampered_copy(folder, tmp_path, library: str = "evil"):
     index = json.loads((copy / "model_index.json").read_text())
     index["model"] = [library, "DiTModel"]
     (copy / "model_index.json").write_text(json.dumps(index))
+    (copy / "manifest.json").unlink()  # a folder from elsewhere: in one atdiff wrote, its manifest names the edits
     return copy, markers
 
 
@@ -136,6 +137,7 @@ def test_swapped_unet_named_as_the_stock_class_is_refused(tmp_path):
     ImageDiffusionPipeline(model=tiny_unet("atconv"), scheduler=DDPMScheduler()).save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     (tmp_path / "model_index.json").write_text(json.dumps({**index, "model": ["diffusers", "UNet2DModel"]}))
+    (tmp_path / "manifest.json").unlink()  # saved elsewhere, without atdiff's manifest
     with pytest.raises(ValueError, match=r"model: \d+ parameters of UNet2DModel are not in its weights file \(e.g. [\w.]*attentions"):
         ImageDiffusionPipeline.from_pretrained(tmp_path)
 

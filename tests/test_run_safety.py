@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from atdiff.errors import UsageError
 from atdiff.objectives import FlowMatchingObjective
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.training import TrainingDiverged, checkpoint, list_checkpoints, loop, run_dir, train
-from atdiff.training.checkpoint import ABANDONED, CheckpointError, verify
+from atdiff.integrity import IntegrityError, verify_pipeline
+from atdiff.training.checkpoint import ABANDONED, verify
 from atdiff.training.loop import Trainer
 from atdiff.training.run_dir import LOCK_NAME, run_lock
 from atdiff.training.tensor_tree import load_tree
@@ -87,7 +89,7 @@ def test_resume_latest_falls_back_past_a_corrupt_checkpoint(straight, tmp_path, 
     name, corrupt = CORRUPTIONS[corruption]
     target = out / "checkpoint-6" / name
     target.write_bytes(corrupt(target.read_bytes()))
-    with pytest.raises(CheckpointError, match=name):
+    with pytest.raises(IntegrityError, match=name):
         verify(out / "checkpoint-6")
 
     config = write_config(tiny(out), tmp_path / "run.yaml")
@@ -106,7 +108,7 @@ def test_a_file_the_manifest_does_not_list_fails_verification(straight, tmp_path
     process's RNG, an fp16 scaler) would take in anything, so the checkpoint is refused."""
     folder = shutil.copytree(straight[0] / "checkpoint-6", tmp_path / "checkpoint-6")
     shutil.copy(folder / "rng-0.safetensors", folder / name)
-    with pytest.raises(CheckpointError, match=f"{name} is not listed in manifest.json"):
+    with pytest.raises(IntegrityError, match=f"{name} is not listed in manifest.json"):
         verify(folder)
 
 
@@ -125,8 +127,8 @@ def test_a_manifest_that_vouches_for_a_bad_progress_record_fails_verification(st
     this checkpoint: resuming it would crash mid-run, start at another step or read data from -48."""
     folder = shutil.copytree(straight[0] / "checkpoint-6", tmp_path / "checkpoint-6")
     (folder / "progress.json").write_text(json.dumps(LYING_PROGRESS[lie]))
-    checkpoint.write_manifest(folder, 6)
-    with pytest.raises(CheckpointError, match="progress.json"):
+    checkpoint.write_checkpoint_manifest(folder, 6)
+    with pytest.raises(IntegrityError, match="progress.json"):
         verify(folder)
 
 
@@ -135,7 +137,8 @@ import os, signal, sys
 from pathlib import Path
 from atdiff.config import load_config
 from atdiff.files import temp_path
-from atdiff.training import checkpoint, train
+from atdiff import integrity
+from atdiff.training import train
 
 calls = []
 def write_atomic(path, text):  # the manifest of checkpoint-6: half of it on disk, then SIGKILL
@@ -143,10 +146,10 @@ def write_atomic(path, text):  # the manifest of checkpoint-6: half of it on dis
     if len(calls) == 2:
         temp_path(path).write_text(text[: len(text) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
-    checkpoint.write_atomic.__wrapped__(path, text)
+    write_atomic.__wrapped__(path, text)
 
-write_atomic.__wrapped__ = checkpoint.write_atomic
-checkpoint.write_atomic = write_atomic
+write_atomic.__wrapped__ = integrity.write_atomic
+integrity.write_atomic = write_atomic
 train(load_config(sys.argv[1]))
 """
 
@@ -342,6 +345,45 @@ def test_a_second_process_is_refused_with_the_holders_pid(tmp_path, capsys):
         assert (out / LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
+def children_of(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_killed_run_with_data_workers_resumes_at_once(tmp_path, capsys):
+    """SIGKILL to a run whose DataLoader workers live on (they notice the parent's death only seconds
+    later): the lock goes with the main process, so an immediate --resume is not refused."""
+    out = tmp_path / "run"
+    raw = tiny(out, max_steps=10_000).to_dict()
+    raw["data"]["num_workers"] = 2
+    config = write_config(config_from_dict(raw), tmp_path / "run.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "atdiff", "train", "--config", str(config)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(out) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = children_of(run.pid)
+        assert list_checkpoints(out) and len(workers) >= 2, run.stderr.read() if run.poll() is not None else "no checkpoint"
+    finally:
+        run.kill()
+        run.wait()
+    with run_lock(out):  # at once: the workers are still alive, and no longer hold anything
+        assert any(Path(f"/proc/{pid}").exists() for pid in workers)
+    step = list_checkpoints(out)[-1][0]
+    raw["training"]["max_steps"] = step + 1
+    assert main(["train", "--config", str(write_config(config_from_dict(raw), config)), "--resume", "latest"]) == 0
+    assert f"resumed from {out / f'checkpoint-{step}'}" in capsys.readouterr().out
+
+
 def folder_contents(folder: Path) -> list:
     """Every entry under ``folder`` with its bytes (the lock file's PID aside)."""
     return sorted((p.relative_to(folder), p.read_bytes() if p.is_file() else None) for p in folder.rglob("*") if p.name != LOCK_NAME)
@@ -429,18 +471,28 @@ def test_a_temporary_name_linked_to_a_users_folder_removes_only_the_link(straigh
     assert (theirs / "keep.txt").read_text() == "the user's own" and not (out / ".atdiff-tmp-checkpoint-7").exists()
 
 
+def test_the_final_pipeline_has_a_manifest_of_its_own_files(straight):
+    """The pipeline's manifest lists its components, not the rest of the run folder (checkpoints, logs,
+    samples, config.yaml), which keeps changing: resuming a finished run leaves the pipeline verifying."""
+    out = straight[0]
+    listed = json.loads((out / "manifest.json").read_text())["files"]
+    components = [p.relative_to(out).as_posix() for folder in ("model", "scheduler") for p in (out / folder).iterdir()]
+    assert sorted(listed) == sorted(["model_index.json", "pipeline.py", *components])
+    assert (out / "checkpoint-6").is_dir() and (out / "config.yaml").is_file() and verify_pipeline(out)
+
+
 def test_the_final_pipeline_is_replaced_whole(straight, tmp_path, monkeypatch):
     """Replacing a finished run's pipeline: whenever the folder has a model_index.json, it and every
     component are the new ones (never the old index with a new model, or a missing component)."""
     out = copy_run(straight[0], tmp_path)
-    parts = ("model_index.json", "model", "scheduler")
+    parts = ("model_index.json", "manifest.json", "model", "scheduler")
     old = {(out / p).stat().st_ino for p in parts}
     seen, replace = [], os.replace
 
     def watching(src, dst):
         replace(src, dst)
-        if (out / "model_index.json").exists():
-            seen.append(all((out / p).exists() and (out / p).stat().st_ino not in old for p in parts))
+        if Path(dst).parent == out and (out / "model_index.json").exists():  # not the pipeline's own writes while staged
+            seen.append(all((out / p).exists() and (out / p).stat().st_ino not in old for p in parts) and verify_pipeline(out))
 
     pipe = checkpoint.pipeline_at_checkpoint(out / "checkpoint-3")
     monkeypatch.setattr(run_dir.os, "replace", watching)

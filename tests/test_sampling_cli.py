@@ -10,13 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from safetensors.torch import load_file, save_file
 
 from atdiff import DiTModel
 from atdiff.cli import main
 from atdiff.files import temp_path
+from atdiff.integrity import write_pipeline_manifest
 from atdiff.pipelines import ImageDiffusionPipeline
 from test_pipelines import tampered_copy, tiny_dit
 
@@ -294,10 +297,68 @@ def test_model_index_that_does_not_load_is_one_line(ddpm_dir, tmp_path, capsys, 
     shutil.copytree(ddpm_dir, copy)
     index = json.loads((copy / "model_index.json").read_text())
     (copy / "model_index.json").write_text(json.dumps({**index, "model": entry}))
+    (copy / "manifest.json").unlink()  # saved elsewhere: in a folder atdiff wrote, the manifest names the edit
     assert sample(copy, tmp_path / "x", "--num-images", "1") == 2
     last_line = error_of(capsys).splitlines()[-1]
     assert last_line.startswith("atdiff sample: error: ") and needle in last_line
     assert not (tmp_path / "x").exists()
+
+
+WEIGHTS = "model/diffusion_pytorch_model.safetensors"
+
+
+def flip_a_byte(folder: Path) -> None:
+    data = bytearray((folder / WEIGHTS).read_bytes())
+    data[-10] ^= 0xFF  # deep in the last tensor's data: the file still loads, with other weights
+    (folder / WEIGHTS).write_bytes(bytes(data))
+
+
+def rewrite_weights(change):
+    """Change the weights, then write the manifest again: the weight checks hold whatever a manifest vouches for."""
+    def corrupt(folder: Path) -> None:
+        weights = load_file(folder / WEIGHTS)
+        (folder / WEIGHTS).unlink()
+        change(folder, weights)
+        write_pipeline_manifest(folder)
+    return corrupt
+
+
+def with_nan(folder, weights):
+    weights["final_layer.linear.bias"][0] = float("nan")
+    save_file(weights, folder / WEIGHTS)
+
+
+CORRUPT_PIPELINES = {
+    "flipped byte": (flip_a_byte, f"{WEIGHTS} does not match its sha256 in manifest.json"),
+    "truncated": (lambda f: (f / WEIGHTS).write_bytes((f / WEIGHTS).read_bytes()[:-100]), f"{WEIGHTS} has "),
+    "added file": (lambda f: shutil.copy(f / WEIGHTS, f / "model" / "diffusion_pytorch_model.fp16.safetensors"),
+                   "model/diffusion_pytorch_model.fp16.safetensors is not listed in manifest.json"),
+    "cast to int8": (rewrite_weights(lambda f, w: save_file({k: v.to(torch.int8) for k, v in w.items()}, f / WEIGHTS)),
+                     "is torch.int8, not floating point"),
+    "NaN weights": (rewrite_weights(with_nan), "tensor final_layer.linear.bias holds NaN or infinite values"),
+    "pickled weights": (rewrite_weights(lambda f, w: torch.save(w, f / "model" / "diffusion_pytorch_model.bin")),
+                        "diffusion_pytorch_model.bin is a pickle, which atdiff refuses to load"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPT_PIPELINES))
+def test_a_damaged_pipeline_folder_is_refused_naming_the_file(ddpm_dir, tmp_path, capsys, corruption):
+    copy = Path(shutil.copytree(ddpm_dir, tmp_path / "copy"))
+    corrupt, needle = CORRUPT_PIPELINES[corruption]
+    corrupt(copy)
+    assert sample(copy, tmp_path / "x", "--num-images", "1") == 2
+    err = error_of(capsys).strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("atdiff sample: error: ") and needle in err[0], err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_folder_without_a_manifest_loads_with_one_note(ddpm_dir, tmp_path, capsys):
+    """Saved by plain diffusers (or an atdiff before manifests): loaded, and the user is told it was not verified."""
+    copy = Path(shutil.copytree(ddpm_dir, tmp_path / "copy"))
+    (copy / "manifest.json").unlink()
+    assert sample(copy, tmp_path / "x", "--num-images", "1") == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "manifest" in line]
+    assert notes == [f"note: {copy} has no manifest.json (not written by atdiff, or by an older one): its files are not verified"]
 
 
 def test_existing_outputs_are_never_overwritten(ddpm_dir, tmp_path, capsys):
@@ -378,6 +439,26 @@ def test_a_guidance_that_is_not_finite_is_refused(trained_dir, tmp_path, capsys,
     last_line = error_of(capsys).splitlines()[-1]  # after the pipeline-loading bar
     assert last_line == f"atdiff sample: error: guidance_scale={float(guidance)} is not a finite number (1 turns guidance off)"
     assert not list((tmp_path / "x").glob("*.png"))
+
+
+def test_a_guidance_too_large_for_the_model_is_refused(trained_dir, tmp_path, capsys):
+    """1e300 is finite as a Python float but inf in float32: it would write black images and exit 0."""
+    assert sample(trained_dir, tmp_path / "x", "--num-images", "1", "--guidance", "1e300") == 2
+    last_line = error_of(capsys).splitlines()[-1]
+    assert last_line.startswith("atdiff sample: error: guidance_scale=1e+300 is beyond what torch.float32 holds")
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_images_are_never_written(trained_dir, tmp_path, capsys, monkeypatch):
+    """A guidance the model's dtype holds can still overflow inside the model: the samples are checked
+    before they are decoded into flat black or white PNGs."""
+    overflowing = lambda self, x, *args, **kwargs: torch.full_like(x, float("inf"))  # noqa: E731
+    monkeypatch.setattr(ImageDiffusionPipeline, "predict", overflowing)
+    assert sample(trained_dir, tmp_path / "y", "--num-images", "2", "--guidance", "1e30") == 2
+    last_line = error_of(capsys).splitlines()[-1]
+    assert last_line == ("atdiff sample: error: images 0..1, none of them written: sampling gave NaN or infinite values "
+                         "(guidance_scale=1e+30): lower the guidance, or check the model")
+    assert not list((tmp_path / "y").glob("*.png"))
 
 
 def test_bad_counts_and_device(ddpm_dir, tmp_path, capsys):

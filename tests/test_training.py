@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from assets import needs_fashion_mnist, needs_inception_weights
+from atdiff import integrity
 from atdiff.cli import main
 from atdiff.config import config_from_dict
 from atdiff.errors import UsageError
@@ -210,8 +211,8 @@ def test_a_killed_save_leaves_the_previous_checkpoint(straight, tmp_path, monkey
     """A kill while writing the weights, or while writing the manifest (the last file), of
     checkpoint-6 leaves checkpoint-3 as the latest; resuming from it ends as the straight run."""
     out, calls = tmp_path / "run", []
-    name = {"weights": "save_model", "manifest": "write_atomic"}[killed_in]
-    original = getattr(checkpoint, name)
+    module, name = {"weights": (checkpoint, "save_model"), "manifest": (integrity, "write_atomic")}[killed_in]
+    original = getattr(module, name)
 
     def dies_at_step_6(target, payload, **kwargs):
         calls.append(1)
@@ -224,7 +225,7 @@ def test_a_killed_save_leaves_the_previous_checkpoint(straight, tmp_path, monkey
             temp_path(target).write_text(payload[: len(payload) // 2])
         raise Killed
 
-    monkeypatch.setattr(checkpoint, name, dies_at_step_6)
+    monkeypatch.setattr(module, name, dies_at_step_6)
     with pytest.raises(Killed):
         train(tiny(out))
     assert [step for step, _ in list_checkpoints(out)] == [3]

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from atdiff import DiTModel, dit_size
 from atdiff.cli import main
 from atdiff.errors import UsageError
+from atdiff.integrity import verify_pipeline
 from atdiff.objectives import ObjectiveConfig, build_objective
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.upstream import ImportOptions, export_pipeline, import_checkpoint
@@ -213,8 +215,16 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     good = tmp_path / "good.pt"
     torch.save(timm_weights(dit()), good)
     files = {"truncated": tmp_path / "truncated.pt", "pickle": tmp_path / "pickle.pt", "unet": tmp_path / "unet.pt",
-             "text": tmp_path / "notes.pt"}
+             "text": tmp_path / "notes.pt", "flipped": tmp_path / "flipped.pt", "nan": tmp_path / "nan.pt"}
     files["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    # One flipped byte inside a tensor's data: torch.load reads it without complaint, as other weights.
+    weights = timm_weights(dit())
+    data, table = good.read_bytes(), weights["y_embedder.embedding_table.weight"].numpy().tobytes()
+    at = data.index(table) + len(table) // 2
+    files["flipped"].write_bytes(data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1:])
+    assert set(torch.load(files["flipped"], weights_only=True)) == set(weights)
+    weights["final_layer.linear.bias"][1] = float("nan")
+    torch.save(weights, files["nan"])
     files["text"].write_text("hi\n")  # garbage the weights-only unpickler fails on with a bare KeyError
     torch.save({"model": {"x": torch.zeros(1)}, "args": Payload()}, files["pickle"])
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4, layers_per_block=1,
@@ -228,6 +238,8 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     ("text", ["is not a readable PyTorch checkpoint (truncated or corrupt?)"]),
     ("pickle", ["holds an object of print, which atdiff does not unpickle"]),
     ("unet", ["is not a DiT/SiT checkpoint", "expected a DiT/SiT state dict (keys such as x_embedder.proj.weight"]),
+    ("flipped", ["(a tensor's data) fails its CRC check: the file is corrupted"]),
+    ("nan", ["tensor final_layer.linear.bias holds NaN or infinite values"]),
 ])
 def test_bad_files_are_usage_errors(kind, messages, tmp_path, capsys):
     src = bad_files(tmp_path)[kind]
@@ -256,10 +268,13 @@ def test_import_cli_writes_a_pipeline_folder_and_never_overwrites(tmp_path, caps
     assert "atconv" in capsys.readouterr().out
     loaded = ImageDiffusionPipeline.from_pretrained(out)
     assert loaded.config.prediction_type == "flow_prediction" and loaded.model.config.time_convention == "sit"
+    assert verify_pipeline(out)
     assert main(["import", str(src), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     export = tmp_path / "back.pt"
     assert main(["export", str(out), "--to", "sit", "--out", str(export)]) == 0
+    with zipfile.ZipFile(export) as archive:  # not the temporary file's name
+        assert {name.split("/")[0] for name in archive.namelist()} == {"archive"}
     assert_same_model(loaded.model, import_checkpoint(export).model)
 
 
@@ -327,6 +342,19 @@ def test_diffusers_pipeline_round_trip_keeps_the_vae(tmp_path):
     assert with_vae.vae is not None
     with pytest.raises(UsageError, match="is not an AutoencoderKL folder"):
         import_checkpoint(tmp_path / "dit.pt", ImportOptions(vae=str(tmp_path)))
+
+
+def test_an_exported_diffusers_pipeline_is_verified_when_imported(tmp_path, capsys):
+    model = dit("diffusers")
+    export_pipeline(ImageDiffusionPipeline(model=model, scheduler=pipeline(model).scheduler, vae=tiny_vae()), "diffusers", tmp_path / "p")
+    weights = tmp_path / "p" / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert main(["import", str(tmp_path / "p"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atdiff import: error: ") and len(err.strip().splitlines()) == 1
+    assert "transformer/diffusion_pytorch_model.safetensors does not match its sha256" in err and not (tmp_path / "out").exists()
 
 
 def test_vae_folder_that_does_not_load_is_one_line(tmp_path, capsys):

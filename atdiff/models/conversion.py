@@ -19,6 +19,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import UsageError
+from ..integrity import check_pipeline_folder, check_weight_files
 from ..nn import ATConv, SelfAttention
 
 # Classes a pretrained folder may hold, by the name its config.json gives: nothing else is imported.
@@ -58,10 +59,16 @@ def pretrained_config(path: str | Path) -> dict:
 
 
 def load_pretrained(path: str | Path) -> ModelMixin:
+    """The model of a pipeline folder (verified like any pipeline: see ``atdiff.integrity``) or a model folder."""
     from . import DiTModel, MixerUNet2DModel
 
     classes = {"DiTModel": DiTModel, "MixerUNet2DModel": MixerUNet2DModel, "UNet2DModel": UNet2DModel}
-    return classes[pretrained_class_name(path)].from_pretrained(pretrained_model_dir(path))
+    model_dir = pretrained_model_dir(path)
+    if model_dir == Path(path, "model"):
+        check_pipeline_folder(Path(path))
+    else:
+        check_weight_files(model_dir)
+    return classes[pretrained_class_name(path)].from_pretrained(model_dir)
 
 
 # ------------------------------------------------------------------------------------------------

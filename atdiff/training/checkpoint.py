@@ -42,21 +42,17 @@ from safetensors.torch import load_model, save_model
 from ..config import load_config, new_model
 from ..latents import load_vae
 from ..errors import UsageError
-from ..files import remove_temp, sha256_of, temp_path, write_atomic
+from ..files import remove_temp, temp_path
+from ..integrity import MANIFEST, IntegrityError, check_files, check_nothing_unlisted, read_manifest, write_manifest
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline
 from .tensor_tree import load_tree, os_errors, save_tree
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 FORMAT, VERSION = "atdiff-checkpoint", 1
-MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 REQUIRED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "scheduler.safetensors", PROGRESS, "rng-0.safetensors")
 ABANDONED = "abandoned"  # where checkpoints of an abandoned line of a run are moved
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder that fails verification (the message says why); it is never loaded."""
 
 
 @dataclass
@@ -113,7 +109,7 @@ def find_checkpoint(output_dir: Path, resume: str | None, verbose: bool = True) 
             try:
                 verify(path)
                 return path
-            except CheckpointError as err:
+            except IntegrityError as err:
                 if verbose:
                     print(f"--resume latest: skipping {path}: {err}", file=sys.stderr, flush=True)
         raise UsageError(
@@ -123,7 +119,7 @@ def find_checkpoint(output_dir: Path, resume: str | None, verbose: bool = True) 
     path = checkpoint_folder(resume, output_dir)
     try:
         verify(path)
-    except CheckpointError as err:
+    except IntegrityError as err:
         raise UsageError(f"--resume {resume}: {err}; pass another checkpoint, or 'latest'") from None
     return path
 
@@ -139,36 +135,18 @@ def checkpoint_folder(resume: str, output_dir: Path) -> Path:
 
 
 def verify(path: Path) -> None:
-    """Raise CheckpointError unless every file ``manifest.json`` lists is there with its size and sha256."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no {MANIFEST} (incomplete, or written by an older atdiff)") from None
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"unreadable {MANIFEST} ({err})") from None
-    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("files"), dict)):
-        raise CheckpointError(f"{MANIFEST} is not an {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise CheckpointError(f"format version {manifest.get('version')!r}; this atdiff reads version {VERSION}")
+    """Raise IntegrityError unless every file ``manifest.json`` lists is there with its size and sha256,
+    and it lists every file there."""
+    manifest = read_manifest(path, FORMAT, VERSION)
+    if manifest is None:
+        raise IntegrityError(f"no {MANIFEST} (incomplete, or written by an older atdiff)")
     if manifest.get("step") != checkpoint_step(path):
-        raise CheckpointError(f"{MANIFEST} is for step {manifest.get('step')!r}, not {checkpoint_step(path)}")
+        raise IntegrityError(f"{MANIFEST} is for step {manifest.get('step')!r}, not {checkpoint_step(path)}")
     files = manifest["files"]
     if missing := [name for name in REQUIRED if name not in files]:
-        raise CheckpointError(f"{MANIFEST} lists no {missing[0]}")
-    for name, expected in files.items():
-        file = path / name
-        if Path(name).name != name or name.startswith(".") or not isinstance(expected, dict):  # only files beside it
-            raise CheckpointError(f"{MANIFEST} has a malformed entry {name!r}")
-        if not file.is_file():
-            raise CheckpointError(f"{name} is missing")
-        if file.stat().st_size != expected.get("size"):
-            raise CheckpointError(f"{name} has {file.stat().st_size} bytes, {MANIFEST} says {expected.get('size')} (truncated?)")
-        if sha256_of(file) != expected.get("sha256"):
-            raise CheckpointError(f"{name} does not match its sha256 in {MANIFEST} (corrupted or modified)")
-    # Loaders look for optional files (another process's RNG, the fp16 scaler) by name: one added
-    # later would be read unverified.
-    if unlisted := sorted(p.name for p in path.iterdir() if p.name not in files and p.name != MANIFEST):
-        raise CheckpointError(f"{unlisted[0]} is not listed in {MANIFEST} (added after the checkpoint was written)")
+        raise IntegrityError(f"{MANIFEST} lists no {missing[0]}")
+    check_files(path, files)
+    check_nothing_unlisted(path, files, [""])  # the optional files (another process's RNG, the fp16 scaler)
     read_progress(path)
 
 
@@ -178,10 +156,10 @@ def read_progress(checkpoint: Path) -> Progress:
         recorded = json.loads((checkpoint / PROGRESS).read_text())
         progress = Progress(**recorded)
     except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{PROGRESS} is not a progress record ({err})") from None
+        raise IntegrityError(f"{PROGRESS} is not a progress record ({err})") from None
     counts = asdict(progress).values()
     if progress.step != checkpoint_step(checkpoint) or not all(type(n) is int and n >= 0 for n in counts):
-        raise CheckpointError(f"{PROGRESS} holds {recorded}, not non-negative counts at step {checkpoint_step(checkpoint)}")
+        raise IntegrityError(f"{PROGRESS} holds {recorded}, not non-negative counts at step {checkpoint_step(checkpoint)}")
     return progress
 
 
@@ -216,7 +194,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
     save_tree(partial / f"rng-{acc.process_index}.safetensors", rng_states())
     acc.wait_for_everyone()
     if acc.is_main_process:
-        write_manifest(partial, progress.step)
+        write_checkpoint_manifest(partial, progress.step)
         if final.exists():  # left by another line of this run; never silently replaced
             move_aside(final)
         os.replace(partial, final)
@@ -229,10 +207,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
     return final
 
 
-def write_manifest(folder: Path, step: int) -> None:
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)} for p in sorted(folder.iterdir()) if p.name != MANIFEST}
-    manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
-    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+def write_checkpoint_manifest(folder: Path, step: int) -> None:
+    write_manifest(folder, [p.name for p in folder.iterdir() if p.name != MANIFEST], format=FORMAT, version=VERSION, step=step)
 
 
 def rng_states() -> dict:
@@ -348,7 +324,7 @@ def pipeline_at_checkpoint(checkpoint: Path) -> ImageDiffusionPipeline:
     rebuilt from the run's ``config.yaml``."""
     try:
         verify(checkpoint)
-    except CheckpointError as err:
+    except IntegrityError as err:
         raise UsageError(f"{checkpoint}: {err}") from None
     own = checkpoint / "config.yaml"  # the config it was trained with (atdiff.training.resume); older ones: the run's
     cfg = load_config(own if own.is_file() else run_folder_of(checkpoint) / "config.yaml")

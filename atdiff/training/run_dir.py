@@ -20,11 +20,11 @@ from pathlib import Path
 
 from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, remove_temp, temp_path, write_atomic
+from ..integrity import MANIFEST, PIPELINE_INDEX, PIPELINE_MODULE, pipeline_components
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import list_checkpoints
 
 LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
-PIPELINE_INDEX = "model_index.json"
 STATS = "training_stats.json"
 # Errors that mean "the output folder cannot take our files", whichever file hit them.
 FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -56,8 +56,14 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
 
 @contextmanager
 def run_lock(output_dir: Path) -> Iterator[None]:
-    """Hold the run folder for one process: an exclusive ``flock`` on its lock file, which the OS
-    releases when the process ends however it ends, so a crash never leaves a stale lock."""
+    """Hold the run folder for this process: an exclusive lock on its lock file, which the OS releases
+    when the process ends however it ends, so a crash or a kill never leaves a stale lock.
+
+    The lock is a POSIX record lock (``lockf``), which belongs to the process: children it forks
+    (DataLoader workers) do not inherit it. A ``flock`` belongs to the open file, which forked
+    workers share, so a killed run's workers kept its folder locked until they noticed, seconds
+    later, and an immediate ``--resume`` was refused. The price of ``lockf``: a process loses the lock
+    when it closes any descriptor of the file, so nothing but this function ever opens it."""
     lock = output_dir / LOCK_NAME
     created = not output_dir.exists()
     try:
@@ -74,8 +80,10 @@ def run_lock(output_dir: Path) -> Iterator[None]:
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             raise UsageError(f"{lock} is not a plain file of its own (a hard link or a device); remove it or pass another --output-dir")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise UsageError(
                 f"{output_dir} is in use by another atdiff train (PID {holder}); wait for it to end or pass another --output-dir"
@@ -125,7 +133,8 @@ def prepare_output_dir(output_dir: Path, record: dict[str, str]) -> None:
 
 def later_run_outputs(output_dir: Path, step: int) -> list[Path]:
     """What the run left at the top of its folder after ``step``: ``training_stats.json`` and the final
-    pipeline (``model_index.json`` and the components it names), when the stats are of a later step."""
+    pipeline (its manifest, ``model_index.json``, ``pipeline.py`` and the components it names), when
+    the stats are of a later step."""
     stats = output_dir / STATS
     try:
         later = json.loads(stats.read_text()).get("steps", 0) > step
@@ -133,12 +142,12 @@ def later_run_outputs(output_dir: Path, step: int) -> list[Path]:
         return []
     if not later:
         return []
-    index = output_dir / PIPELINE_INDEX
     try:
-        components = [name for name in json.loads(index.read_text()) if not name.startswith("_")] if index.is_file() else []
-    except (OSError, ValueError):
+        components = pipeline_components(output_dir) if (output_dir / PIPELINE_INDEX).is_file() else []
+    except UsageError:  # not a model_index.json atdiff wrote: its components are unknown
         components = []
-    outputs = [stats, index, *(output_dir / name for name in components if Path(name).name == name)]
+    outputs = [stats, output_dir / MANIFEST, output_dir / PIPELINE_INDEX, output_dir / f"{PIPELINE_MODULE}.py",
+               *(output_dir / name for name in components)]
     return [path for path in outputs if path.exists() and not path.is_symlink()]
 
 
@@ -148,9 +157,10 @@ def later_run_outputs(output_dir: Path, step: int) -> list[Path]:
 
 
 def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
-    """Make ``output_dir`` a diffusers pipeline folder. The pipeline is written aside; the old
-    ``model_index.json`` goes first and the new one comes last, so whenever the folder has one,
-    every component it names is complete and of the same pipeline."""
+    """Make ``output_dir`` a diffusers pipeline folder. The pipeline, with its manifest, is written
+    aside; the old ``model_index.json`` goes first and the new one comes last, after the components
+    and the manifest, so whenever the folder has one, every component it names is complete, of the
+    same pipeline, and verifies (a folder without one is no pipeline yet)."""
     staging = temp_path(output_dir / "pipeline")
     remove_temp(staging)
     pipeline.save_pretrained(staging)

@@ -20,6 +20,7 @@ from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ..errors import UsageError
 from ..files import atomic_path
+from ..integrity import write_pipeline_manifest
 from ..models.dit import DIT_SIZES, DiTModel
 from ..pipelines import ImageDiffusionPipeline
 from ..pipelines.schedulers import FLOW_PREDICTION
@@ -54,8 +55,10 @@ def export_pipeline(pipe: ImageDiffusionPipeline, to: str, out: Path) -> None:
         save_diffusers(pipe, out)
     else:
         weights = timm_weights(model)
-        with atomic_path(out) as partial:
-            torch.save({"model": weights, "ema": weights, "args": upstream_args(pipe, to)}, partial)
+        # To a file object: torch.save names the zip's inner folder after a path's stem, which here would
+        # be the temporary name; a file object's is "archive".
+        with atomic_path(out) as partial, open(partial, "wb") as file:
+            torch.save({"model": weights, "ema": weights, "args": upstream_args(pipe, to)}, file)
 
 
 def timm_weights(model: DiTModel) -> dict:
@@ -144,4 +147,6 @@ def save_diffusers(pipe: ImageDiffusionPipeline, out: Path) -> None:
         return
     # DiTPipeline drops the learned-sigma channels before the scheduler, so its DDPM uses fixed variances.
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config, variance_type="fixed_small")
-    save_pipeline_folder(DiTPipeline(transformer=transformer, vae=pipe.vae, scheduler=scheduler), out)
+    with atomic_path(out) as partial:
+        DiTPipeline(transformer=transformer, vae=pipe.vae, scheduler=scheduler).save_pretrained(partial)
+        write_pipeline_manifest(partial)  # diffusers writes none; `atdiff import` verifies it

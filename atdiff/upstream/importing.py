@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..errors import UsageError
 from ..files import atomic_path, check_writable
+from ..integrity import check_weights
 from ..latents import load_vae
 from ..models.dit import DiTModel, sincos_position_table
 from ..objectives import ObjectiveConfig, build_objective
@@ -89,6 +90,7 @@ def import_checkpoint(src: Path, options: ImportOptions | None = None) -> ImageD
     if options.vae:
         vae_subfolder(Path(options.vae))  # a bad --vae fails before the (possibly large) checkpoint loads
     source = read_source(src, options.weights)
+    check_weights(source.weights.items(), src)
     hints = source_hints(source).overridden_by(options.hints())
     if source.layout == "diffusers":
         weights, pos_embed = diffusers_to_atdiff(source.weights, source.diffusers_config["num_layers"]), None

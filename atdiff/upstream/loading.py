@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ def load_checkpoint_file(path: Path) -> Any:
             return load_file(path)
         except Exception as err:  # safetensors raises its own SafetensorError on a bad header
             raise UsageError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    check_zip_crcs(path)
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -50,3 +53,18 @@ def load_checkpoint_file(path: Path) -> Any:
             raise UsageError(f"{path}: no such file") from None
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
+
+
+def check_zip_crcs(path: Path) -> None:
+    """Refuse a ``torch.save`` zip with a member that fails its CRC: ``torch.load`` never checks them, so
+    a flipped byte in a tensor's data would load as other weights. (Legacy non-zip files carry none.)"""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
+        raise UsageError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
+    if damaged is not None:
+        what = "a tensor's data" if "/data/" in damaged else "the file's structure"
+        raise UsageError(f"{path}: member {damaged} ({what}) fails its CRC check: the file is corrupted; download or copy it again")

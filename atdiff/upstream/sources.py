@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..integrity import verify_pipeline
 from .loading import load_checkpoint_file
 from .keymap import DIFFUSERS_SIGNATURE, TIMM_SIGNATURE, Weights
 
@@ -93,6 +94,8 @@ def read_diffusers_folder(path: Path) -> Source:
             f"DiTTransformer2DModel folder (config.json naming {' or '.join(DIFFUSERS_TRANSFORMER_CLASSES)}); "
             f"DiT/SiT checkpoints are single files"
         )
+    if pipeline:
+        verify_pipeline(path)  # one atdiff export wrote; upstream folders have no manifest
     transformer = DiTTransformer2DModel.from_pretrained(transformer_dir)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     return Source(
