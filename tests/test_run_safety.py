@@ -244,7 +244,7 @@ def as_written_before_records(folder: Path) -> None:
     """Make a checkpoint one of an atdiff that kept no config record in checkpoints (its manifest rewritten)."""
     for name in ("config.yaml", "config_history.json"):
         (folder / name).unlink()
-    checkpoint.write_manifest(folder, checkpoint.checkpoint_step(folder))
+    checkpoint.write_checkpoint_manifest(folder, checkpoint.checkpoint_step(folder))
     verify(folder)
 
 
