@@ -279,23 +279,29 @@ def test_grids_and_evals_of_an_abandoned_line_move_with_it(straight, tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
+# Sane steps with checkpoints every 2 (only the newest kept), then the rate jumps (JumpingLR).
+DIVERGING = dict(max_steps=30, checkpoint_every=2, checkpoints_total_limit=1, lr_scheduler="constant",
+                 lr_warmup_steps=0, learning_rate=1e-3, max_grad_norm=None, sample_every=0)
+
+
+class JumpingLR(torch.optim.lr_scheduler.LambdaLR):
+    """The rate x300 after step 14, x1e6 after step 20: the loss spikes, then overflows."""
+
+    def get_lr(self):
+        factor = 1 if self.last_epoch < 14 else 300 if self.last_epoch < 20 else 1e6
+        return [base * factor for base in self.base_lrs]
+
+
 def test_the_divergence_advice_works(tmp_path, monkeypatch, capsys):
     """Sane steps, then the rate jumps: the loss spikes, finite but ruined checkpoints follow, then
     NaN. The last checkpoint from before the spike survives pruning and is named; resuming it with a
     lower rate trains to the end at that rate."""
     out = tmp_path / "run"
-    settings = dict(max_steps=30, checkpoint_every=2, checkpoints_total_limit=1, lr_scheduler="constant",
-                    lr_warmup_steps=0, learning_rate=1e-3, max_grad_norm=None, sample_every=0)
-
-    class JumpingLR(torch.optim.lr_scheduler.LambdaLR):  # x300 after step 14, x1e6 after step 20
-        def get_lr(self):
-            factor = 1 if self.last_epoch < 14 else 300 if self.last_epoch < 20 else 1e6
-            return [base * factor for base in self.base_lrs]
 
     with monkeypatch.context() as patch:
         patch.setattr(loop, "make_lr_scheduler", lambda optimizer, t: JumpingLR(optimizer, lambda step: 1.0))
         with pytest.raises(TrainingDiverged) as diverged:
-            train(tiny(out, **settings))
+            train(tiny(out, **DIVERGING))
     steps = [step for step, _ in list_checkpoints(out)]
     assert steps[0] == 14 and steps[-1] >= 18, steps  # before the spike, and a finite one after it (limit 1)
     message = str(diverged.value)
@@ -303,7 +309,7 @@ def test_the_divergence_advice_works(tmp_path, monkeypatch, capsys):
     assert f"{out / 'checkpoint-14'} is the last from before it" in message
     assert message.endswith(f"then resume with --resume {out / 'checkpoint-14'}.")
 
-    lower = tiny(out, **{**settings, "learning_rate": 1e-4})
+    lower = tiny(out, **{**DIVERGING, "learning_rate": 1e-4})
     result = train(lower, resume=str(out / "checkpoint-14"))
     assert result.step == 30 and all(torch.isfinite(torch.tensor(result.losses)))
     groups = load_tree(out / "checkpoint-30" / "optimizer.safetensors")["param_groups"]
@@ -315,18 +321,11 @@ def test_the_divergence_advice_works(tmp_path, monkeypatch, capsys):
 def test_a_spike_is_still_watched_after_a_resume(tmp_path, monkeypatch):
     """Interrupted while the loss is spiking: the resumed run still keeps (and names) the checkpoint from before the spike."""
     out = tmp_path / "run"
-    settings = dict(max_steps=30, checkpoint_every=2, checkpoints_total_limit=1, lr_scheduler="constant",
-                    lr_warmup_steps=0, learning_rate=1e-3, max_grad_norm=None, sample_every=0)
-
-    class JumpingLR(torch.optim.lr_scheduler.LambdaLR):  # x300 after step 14, x1e6 after step 20
-        def get_lr(self):
-            factor = 1 if self.last_epoch < 14 else 300 if self.last_epoch < 20 else 1e6
-            return [base * factor for base in self.base_lrs]
 
     monkeypatch.setattr(loop, "make_lr_scheduler", lambda optimizer, t: JumpingLR(optimizer, lambda step: 1.0))
-    train(tiny(out, **{**settings, "max_steps": 18}))  # stopped mid-spike (as by Ctrl-C): checkpoint-18 is ruined
+    train(tiny(out, **{**DIVERGING, "max_steps": 18}))  # stopped mid-spike (as by Ctrl-C): checkpoint-18 is ruined
     assert [step for step, _ in list_checkpoints(out)] == [14, 18]
     with pytest.raises(TrainingDiverged) as diverged:
-        train(tiny(out, **settings), resume="latest")
+        train(tiny(out, **DIVERGING), resume="latest")
     assert [step for step, _ in list_checkpoints(out)][0] == 14
     assert str(diverged.value).endswith(f"then resume with --resume {out / 'checkpoint-14'}.")
