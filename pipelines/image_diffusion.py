@@ -53,6 +53,11 @@ def check_all_weights_loaded(pipe: DiffusionPipeline, folder: str | os.PathLike)
                 )
 
 
+
+class NonFiniteSamples(ValueError):
+    """The samples came out NaN or infinite (a guidance too large, or weights that overflow): never decoded."""
+
+
 class ImageDiffusionPipeline(DiffusionPipeline):
     r"""Sample images from an atdiff denoiser (``DiTModel``, ``MixerUNet2DModel``, ...).
 
@@ -275,7 +280,7 @@ class ImageDiffusionPipeline(DiffusionPipeline):
             model_output = self.predict(x_in, t, labels, guidance_scale, guidance_channels)
             x = self.scheduler.step(model_output, t, x, **step_kwargs).prev_sample
         if not torch.isfinite(x).all():  # decoded, these would be flat black or white images
-            raise ValueError(f"sampling gave NaN or infinite values (guidance_scale={guidance_scale}): lower the guidance, or check the model")
+            raise NonFiniteSamples(f"sampling gave NaN or infinite values (guidance_scale={guidance_scale}): lower the guidance, or check the model")
 
         if output_type == "latent":
             images = x

@@ -329,3 +329,14 @@ def test_a_spike_is_still_watched_after_a_resume(tmp_path, monkeypatch):
         train(tiny(out, **DIVERGING), resume="latest")
     assert [step for step, _ in list_checkpoints(out)][0] == 14
     assert str(diverged.value).endswith(f"then resume with --resume {out / 'checkpoint-14'}.")
+
+
+def test_weights_that_sample_nan_stop_the_run_as_divergence(straight, tmp_path):
+    """Finite weights that overflow when sampled (a step at rate 1e9): the grid is not drawn, the run
+    stops as diverged and says what to do."""
+    out = copy_run(straight[0], tmp_path)
+    with pytest.raises(TrainingDiverged) as diverged:
+        train(tiny(out, learning_rate=1e9, max_grad_norm=None, log_with="tensorboard"), resume=str(out / "checkpoint-3"))
+    assert str(diverged.value).startswith("after step 4, the EMA weights sample NaN or infinite values (finite, but blown up); "
+                                          f"stopped without saving (the last good checkpoint is {out / 'checkpoint-3'})")
+    assert not (out / "samples" / "step-0000004.png").exists()

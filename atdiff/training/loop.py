@@ -46,7 +46,7 @@ from ..files import atomic_path, write_atomic
 from ..latents import check_model_fits
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import Objective, build_objective
-from ..pipelines import ImageDiffusionPipeline, num_classes_of
+from ..pipelines import ImageDiffusionPipeline, NonFiniteSamples, num_classes_of
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
 from .resume import Resume, check_resume, record_files
@@ -473,12 +473,7 @@ class Trainer:
 
     def save_checkpoint(self, progress: Progress) -> Path:
         """Save a checkpoint, only of finite weights: a checkpoint is always one to resume from."""
-        bad = nonfinite_count([*self.state.network.parameters(), *self.state.ema.shadow_params])
-        if bad:
-            raise TrainingDiverged(
-                f"after step {progress.step}, {bad} weights of the model or its EMA are not finite; stopped without "
-                f"saving ({self.last_good()}). Lower training.learning_rate or set training.max_grad_norm, then resume with {self.resume_advice()}."
-            )
+        self.check_finite_weights(progress.step)
         acc = self.accelerator
         with self.clock.spent_on("checkpoints"):
             record = {**record_files(self.cfg, self.history), SpikeWatch.FILE: json.dumps(self.spikes.state()) + "\n"}
@@ -505,10 +500,33 @@ class Trainer:
                 ema.restore(network.parameters())
                 network.train()
 
+    def check_finite_weights(self, step: int) -> None:
+        """Stop a run whose update made weights non-finite before any output is made of them (checkpoints,
+        grids, evals). Every process holds the same weights, so all stop alike."""
+        bad = nonfinite_count([*self.state.network.parameters(), *self.state.ema.shadow_params])
+        if bad:
+            raise self.diverged(f"after step {step}, {bad} weights of the model or its EMA are not finite")
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what}; stopped without saving ({self.last_good()}). Lower training.learning_rate or set "
+            f"training.max_grad_norm, then resume with {self.resume_advice()}."
+        )
+
+    @contextmanager
+    def sampling_from_ema(self, step: int):
+        """The EMA weights to sample from (main process); finite weights that still sample NaN have blown up: a divergence."""
+        try:
+            with self.ema_weights() as model:
+                yield model
+        except NonFiniteSamples:
+            raise self.diverged(f"after step {step}, the EMA weights sample NaN or infinite values (finite, but blown up)") from None
+
     def evaluate(self, step: int) -> None:
         """FID and KID of the EMA weights, to the tracker and (with the next checkpoint) training_stats.json."""
+        self.check_finite_weights(step)
         if self.accelerator.is_main_process:
-            with self.clock.spent_on("evals"), self.ema_weights() as model:
+            with self.clock.spent_on("evals"), self.sampling_from_ema(step) as model:
                 result = self.evaluator(step, self.interface.make_pipeline(model))
             self.accelerator.log({"eval/fid": result["fid"], "eval/kid": result["kid_mean"]}, step=step)
             tqdm.write(f"step {step}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({result['num_fake']} EMA samples)")
@@ -516,9 +534,10 @@ class Trainer:
 
     def save_sample_grid(self, step: int) -> None:
         """A grid of ``num_sample_images`` EMA samples (fixed seed and labels, so grids compare over time)."""
+        self.check_finite_weights(step)
         if self.accelerator.is_main_process:
             n, num_classes, sampling = self.tcfg.num_sample_images, self.interface.num_classes, self.cfg.sampling
-            with self.clock.spent_on("sample_grids"), self.ema_weights() as model:
+            with self.clock.spent_on("sample_grids"), self.sampling_from_ema(step) as model:
                 pipe = use_scheduler(self.interface.make_pipeline(model), sampling.scheduler)
                 pipe.set_progress_bar_config(disable=True)
                 images = pipe(
