@@ -47,6 +47,16 @@ def run(tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_card_says_which_settings_changed_on_resume(run, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(run, changed)
+    stats = json.loads((changed / "training_stats.json").read_text())
+    stats["config_history"] = [{"step": 3, "changed": {"training.learning_rate": {"from": 0.002, "to": 0.0005}}}]
+    (changed / "training_stats.json").write_text(json.dumps(stats))
+    assert "changed on resume: at step 3 training.learning_rate 0.002 -> 0.0005" in str(model_card(read_run(changed)))
+    assert "changed on resume" not in str(model_card(read_run(run)))
+
+
 def test_card_says_what_the_model_is(run):
     stats = json.loads((run / "training_stats.json").read_text())
     card = ModelCard(str(model_card(read_run(run), REPO, "apache-2.0")))

@@ -139,6 +139,11 @@ def facts(run: RunRecord) -> str:
             f"{s.get('num_processes', 1)} x {s.get('device', '?')}"
         ),
     }
+    if changes := s.get("config_history"):  # resumes that changed settings: the config holds the last values
+        rows["training"] += "; changed on resume: " + "; ".join(
+            f"at step {entry['step']:,} " + ", ".join(f"{key} {v['from']} -> {v['to']}" for key, v in entry["changed"].items())
+            for entry in changes
+        )
     if c["model"].get("init_from"):
         rows["training"] += "; started from another model's weights (model.init_from)"
     if c["objective"].get("distill_from"):
