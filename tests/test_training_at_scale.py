@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -153,3 +154,22 @@ def test_the_training_step_benchmark_writes_its_report(tmp_path):
         # resident: weights, gradients and AdamW state; the step allocates more on top
         assert result["model_memory_mb"] > result["model_resident_mb"] > 0
     assert "| checkpointing |" in (tmp_path / "toy.md").read_text()
+
+
+@needs_fashion_mnist
+def test_compile_on_a_backend_that_cannot_is_one_line_before_the_run(tmp_path, monkeypatch, capsys):
+    import torch._dynamo
+    import torch._inductor.config
+
+    from atdiff.cli import main
+
+    torch._dynamo.reset()  # nothing compiled earlier in this process may be reused
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent-c++"))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny(tmp_path / "run", compile=True).to_dict()))
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("atdiff train: error: training.compile: torch.compile cannot build kernels on cpu here (")
+    assert "No working C++ compiler" in err and err.strip().endswith("set training.compile=false") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+    torch._dynamo.reset()

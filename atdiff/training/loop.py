@@ -111,6 +111,8 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
     check_tracker_installed(cfg.training.log_with)
     data = load_training_data(cfg.data)  # before any work: a latent config may lack its store
     accelerator = make_accelerator(cfg, output_dir)
+    if cfg.training.compile:
+        check_compile(accelerator.device)
     with run_lock(output_dir) if accelerator.is_main_process else nullcontext():
         accelerator.wait_for_everyone()  # the other processes start once the main one holds the folder
         # Again under the lock: another run may have filled the folder since the check above (made
@@ -135,6 +137,16 @@ def refuse_sharded_training() -> None:
                 f"{engine} is not supported by atdiff train ({variable} is set, e.g. by `accelerate config`); "
                 f"use multi-GPU DDP: `accelerate launch --multi_gpu -m atdiff train ...`"
             )
+
+
+def check_compile(device: torch.device) -> None:
+    """torch.compile builds its kernels at the first step; build a tiny one now, so that a backend that
+    cannot (no C++ compiler, an unsupported device) is one line before the run folder is touched."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as err:  # Dynamo and Inductor raise many kinds; the first line says why
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"training.compile: torch.compile cannot build kernels on {device} here ({reason}); set training.compile=false") from None
 
 
 def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
