@@ -207,6 +207,7 @@ BAD_VALUES = [
     ("training.lr_warmup_steps", -1), ("training.sample_every", -1), ("training.checkpoint_every", -5),
     ("training.num_sample_images", 0), ("training.checkpoints_total_limit", 0), ("training.log_every", 0),
     ("objective.num_train_timesteps", 0), ("objective.distill_weight", 0), ("objective.distill_weight", 1.5),
+    ("objective.repa_encoder_depth", 0), ("objective.repa_proj_coeff", 0), ("objective.repa_projector_dim", 0),
     ("data.resolution", -32), ("data.num_workers", -1),
     ("sampling.num_inference_steps", 0), ("sampling.guidance_scale", float("nan")), ("sampling.guidance_channels", 0),
     ("sampling.seed", -1), ("sampling.seed", 2**64), ("training.eval_every", -1), ("training.eval_num_images", 1), ("training.eval_num_real", 1),
