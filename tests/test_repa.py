@@ -252,3 +252,39 @@ def test_repa_on_a_unet_is_not_supported(tmp_path, capsys, encoder_dir):
 def test_repa_keys_without_an_encoder_are_refused():
     with pytest.raises(UsageError, match="objective.repa_proj_coeff=1.0 does nothing with objective.repa_encoder=null"):
         config_from_dict({"objective": {"repa_proj_coeff": 1.0}, "model": {"size": "XS/4", "in_channels": 1}})
+
+
+# Each process saves its own projector after training: DDP must have kept them equal.
+TWO_PROCESS_SCRIPT = """
+import sys
+from accelerate.state import PartialState
+from safetensors.torch import save_model
+from atdiff.config import load_config
+from atdiff.repa import RepresentationAlignment
+from atdiff.training import train
+
+objectives, prepare = [], RepresentationAlignment.prepare
+RepresentationAlignment.prepare = lambda self, *args: objectives.append(self) or prepare(self, *args)
+train(load_config(sys.argv[1]))
+save_model(objectives[0].trained_module(), sys.argv[2] + f"/projector-{PartialState().process_index}.safetensors")
+"""
+
+
+@needs_fashion_mnist
+def test_two_processes_keep_one_projector(tmp_path, encoder_dir):
+    import os
+    import subprocess
+    import sys
+
+    raw = tiny_repa(tmp_path / "run", encoder_dir)
+    raw["training"].update(max_steps=2, checkpoint_every=0, sample_every=0)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "script.py").write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", str(tmp_path / "script.py"), str(tmp_path / "run.yaml"), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = load_file(tmp_path / "projector-0.safetensors"), load_file(tmp_path / "projector-1.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)  # each process saw other images: gradients were averaged
+    assert all(torch.equal(first[k], v) for k, v in load_file(tmp_path / "run" / "checkpoint-2" / "objective.safetensors").items())

@@ -3,9 +3,11 @@
 One process or many (``accelerate launch -m atdiff train ...``, DDP; DeepSpeed and FSDP are
 refused, see ``refuse_sharded_training``). The loop knows nothing about the network or the
 objective: ``train`` builds the parts and hands the ``Trainer`` a model, an ``Objective``
-(``objective.loss(model, x0, labels)``), a stream of batches and three narrow facts about the
+(``objective.loss(model, x0, labels, images)``), a stream of batches and three narrow facts about the
 model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
-precision, EMA, sample grids, trackers and checkpoints. With ``training.eval_every`` it also hands
+precision, EMA, sample grids, trackers and checkpoints; a module the objective trains itself
+(``Objective.trained_module``: REPA's projector) joins the optimizer, clipping and checkpoints, never
+the EMA or a pipeline. With ``training.eval_every`` it also hands
 its EMA pipeline to an evaluator (``atdiff.eval.training_eval``) for FID and KID.
 
 Crash safety: checkpoints (``atdiff.training.checkpoint``) are complete or absent, verified before
@@ -79,7 +81,7 @@ class TrainingResult:
 
 @dataclass(frozen=True)
 class ModelInterface:
-    """All the loop knows of the model, besides calling ``objective.loss(model, x0, labels)``."""
+    """All the loop knows of the model, besides calling ``objective.loss(model, x0, labels, images)``."""
 
     num_classes: int  # 0: unconditional, labels are never passed
     # applied on the device to each batch (x0, the pixel images of latent x0 or None), mirroring both alike
