@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,21 +35,23 @@ ENCODER_TYPES = ("dinov2", "dinov2_with_registers")
 def load_encoder(source: str | os.PathLike) -> nn.Module:
     """A DINOv2 encoder from a hub id (``facebook/dinov2-base``) or a local folder, from safetensors
     only, frozen, in eval mode; one line naming ``objective.repa_encoder`` when it does not load."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModel
 
+    folder = Path(source).expanduser()
+    if (folder.is_absolute() or str(source).startswith((".", "~"))) and not folder.is_dir():  # a path, not a hub id
+        raise UsageError(f"objective.repa_encoder: no such folder {source}; pass a folder written by save_pretrained or a hub id such as facebook/dinov2-base")
     try:
-        config = AutoConfig.from_pretrained(source)
-        if config.model_type not in ENCODER_TYPES:
-            raise UsageError(f"objective.repa_encoder: {source} is a {config.model_type} model; REPA here takes "
-                             f"DINOv2 encoders (facebook/dinov2-small, -base, -large, -giant, or a folder of one)")
-        encoder = AutoModel.from_pretrained(source, use_safetensors=True)
-    except (OSError, ValueError) as err:  # no such folder or hub id, offline, no safetensors weights
-        if isinstance(err, UsageError):
-            raise
+        kind = AutoConfig.from_pretrained(source).model_type
+        encoder = AutoModel.from_pretrained(source, use_safetensors=True) if kind in ENCODER_TYPES else None
+    except (OSError, ValueError, SafetensorError) as err:  # no such hub id, offline, no or damaged safetensors weights
         raise UsageError(
             f"objective.repa_encoder: cannot load a DINOv2 encoder from {source} ({one_line(str(err)).rstrip('.')}); pass a "
             f"folder written by save_pretrained (with model.safetensors) or a hub id such as facebook/dinov2-base (needs internet once)"
         ) from None
+    if encoder is None:
+        raise UsageError(f"objective.repa_encoder: {source} is a {kind} model; REPA here takes DINOv2 encoders "
+                         f"(facebook/dinov2-small, -base, -large, -giant, or a folder of one)")
     return encoder.eval().requires_grad_(False)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,37 @@ def test_the_pipeline_folder_holds_no_projector(straight_repa):
 
 
 @needs_fashion_mnist
+def test_repa_in_bf16_as_the_authors_run_resumes_exactly(tmp_path, encoder_dir):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # Accelerate keeps one precision per process
+    try:
+        bf16 = tiny_repa(tmp_path / "run", encoder_dir)
+        bf16["training"]["mixed_precision"] = "bf16"
+        result = train(config_from_dict(bf16))
+        assert all(torch.isfinite(torch.tensor(result.losses)))
+        bf16["training"]["output_dir"] = str(tmp_path / "resumed")
+        train(config_from_dict(bf16), resume=str(tmp_path / "run" / "checkpoint-3"))
+        assert_same_run(tmp_path / "run", tmp_path / "resumed")
+        assert_same_weights(tmp_path / "run" / "checkpoint-6" / "objective.safetensors", tmp_path / "resumed" / "checkpoint-6" / "objective.safetensors")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@needs_fashion_mnist
+@pytest.mark.slow  # compiling the tiny DiT's forward and backward: about a minute on two cores
+def test_repa_under_torch_compile_reads_the_hidden_state(straight_repa, tmp_path, encoder_dir):
+    raw = tiny_repa(tmp_path / "run", encoder_dir)
+    raw["training"]["compile"] = True
+    result = train(config_from_dict(raw))  # a hook the compiled graph skipped would stop the first step
+    # The same training, not the same numbers: compiled kernels round differently and draw the label
+    # dropout inside the graph from another random stream.
+    assert result.losses == pytest.approx(straight_repa[1].losses, rel=0.1)
+    first, last = (load_file(tmp_path / "run" / f"checkpoint-{s}" / "objective.safetensors") for s in (3, 6))
+    assert not all(torch.equal(first[k], last[k]) for k in first)
+
+
+@needs_fashion_mnist
 def test_a_resume_that_changes_repa_is_refused(straight_repa, tmp_path, encoder_dir):
     with pytest.raises(UsageError, match="objective.repa_proj_coeff"):
         train(config_from_dict(tiny_repa(tmp_path / "run", encoder_dir, repa_proj_coeff=1.0)), resume=str(straight_repa[0] / "checkpoint-3"))
@@ -225,6 +257,19 @@ def test_an_encoder_without_safetensors_is_refused(tmp_path, capsys, encoder_dir
     torch.save(load_file(encoder_dir / "model.safetensors"), pickled / "pytorch_model.bin")
     err = refused(tmp_path, capsys, tiny_repa(tmp_path / "run", pickled))
     assert err.startswith(f"atdiff train: error: objective.repa_encoder: cannot load a DINOv2 encoder from {pickled}")
+
+
+def test_a_missing_or_damaged_encoder_is_one_usage_error(tmp_path, encoder_dir):
+    from atdiff.repa import load_encoder
+
+    with pytest.raises(UsageError, match=f"objective.repa_encoder: no such folder {tmp_path / 'nothing'}; pass a folder"):
+        load_encoder(tmp_path / "nothing")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(encoder_dir, damaged)
+    weights = (damaged / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(UsageError, match="cannot load a DINOv2 encoder from .*damaged"):
+        load_encoder(damaged)
 
 
 def test_an_encoder_of_another_kind_is_refused(tmp_path, capsys):
