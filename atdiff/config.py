@@ -429,6 +429,8 @@ def check_values(cfg: ExperimentConfig) -> None:
     check_time_convention(cfg, model)
     if cfg.objective.distill_from:
         check_teacher(cfg, model)
+    if cfg.objective.repa_encoder:
+        check_repa(cfg, model)
     check_model(cfg.model)
 
 
@@ -470,6 +472,17 @@ def check_teacher(cfg: ExperimentConfig, student: dict[str, Any]) -> None:
     trains = prediction_type_of(build_objective(cfg.objective).make_scheduler())
     if predicts is not None and predicts != trains:
         raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")
+
+
+def check_repa(cfg: ExperimentConfig, model: dict[str, Any]) -> None:
+    """REPA aligns the hidden states after one of a DiT's blocks (the encoder itself loads when training starts)."""
+    if cfg.model.type != "dit":
+        raise UsageError(f"objective.repa_encoder: REPA is not supported on model.type {cfg.model.type} (it aligns a DiT's "
+                         f"token states with the encoder's patches); use model.type dit or drop objective.repa_encoder")
+    depth = cfg.objective.repa_encoder_depth
+    if depth > model["depth"]:
+        raise UsageError(f"objective.repa_encoder_depth={depth} is beyond the model's {model['depth']} blocks; "
+                         f"use 1 to {model['depth']} (REPA: 8 of SiT-XL's 28)")
 
 
 def build_model(model_cfg: ModelConfig, report: Callable[[str], None] | None = None) -> ModelMixin:

@@ -97,15 +97,16 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return ImageTensorDataset(fit_image(images, cfg), labels, classes)
 
 
-def load_training_data(cfg: DataConfig) -> tuple[Dataset, "AutoencoderKL | None"]:
+def load_training_data(cfg: DataConfig, with_images: bool = False) -> tuple[Dataset, "AutoencoderKL | None"]:
     """What training reads: the images, or with ``cfg.vae`` their latent store (``atdiff.latents``)
-    and the VAE that decodes the samples; a missing store raises ``MissingLatents``."""
+    and the VAE that decodes the samples; a missing store raises ``MissingLatents``. ``with_images``:
+    a store's items carry the images their latents came from (for objectives that see pixels)."""
     if not cfg.vae:
         return load_dataset(cfg), None
     from .latents import load_vae, open_store
 
     vae = load_vae(cfg.vae, cfg.vae_subfolder)
-    return open_store(cfg, vae), vae
+    return open_store(cfg, vae, with_images), vae
 
 
 def fit_image(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
@@ -145,14 +146,20 @@ def random_flip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor, torch.Tensor | None], tuple] | None:
     """What the training loop applies to each batch on the device, drawing from the global RNG it
-    checkpoints: the dataset's own ``augment`` (a latent store samples its posteriors), else the
-    random flip when ``cfg.random_flip``, else nothing (None)."""
+    checkpoints: ``(x, images) -> (x, images)``, where ``images`` are the pixels of latent ``x`` (or
+    None) and are mirrored alike. The dataset's own ``augment`` (a latent store samples its
+    posteriors), else the random flip when ``cfg.random_flip``, else nothing (None)."""
     own = getattr(dataset, "augment", None)
     if own is not None:
         return own
-    return random_flip if cfg.random_flip else None
+    return flip_pixels if cfg.random_flip else None
+
+
+def flip_pixels(images: torch.Tensor, pixels: None = None) -> tuple[torch.Tensor, None]:
+    """``random_flip`` as a batch augmentation of pixel data (which has no separate pixels)."""
+    return random_flip(images), None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import DataConfig
+from .data import DataConfig, load_dataset
 from .errors import UsageError, one_line
 from .files import cache_dir, temp_path, write_atomic
 
@@ -261,16 +261,21 @@ class ShardWriter:
 
 
 class LatentDataset(Dataset):
-    """A complete store as a dataset of ``(posteriors, label)``: float16 (2, 2, C, h, w) per image.
+    """A complete store as a dataset of ``(posteriors, label)``: float16 (2, 2, C, h, w) per image;
+    with ``images`` (the dataset the store was encoded from, in the same order) ``(posteriors, label,
+    image)``, for objectives that see the pixels too (REPA).
 
     Shards are memory-mapped on first use in each process (DataLoader workers included: nothing
     mapped is pickled). ``augment`` turns a batch of posteriors into scaled latent samples.
     """
 
-    def __init__(self, folder: Path, manifest: dict, random_flip: bool):
-        self.folder, self.manifest = Path(folder), manifest
+    def __init__(self, folder: Path, manifest: dict, random_flip: bool, images: Dataset | None = None):
+        self.folder, self.manifest, self.images = Path(folder), manifest, images
         self.classes = manifest["classes"]
         self.sample_shape = tuple(manifest["latent_shape"])
+        if images is not None and len(images) != len(self):
+            raise UsageError(f"the latent store {folder} holds {len(self)} images but data now has {len(images)}; "
+                             f"the encoder needs the images the latents came from: restore them or encode again into a new data.latent_dir")
         vae = manifest["vae"]
         self.augment = partial(
             sample_latents, flip=random_flip, scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"]
@@ -280,10 +285,17 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return self.manifest["count"]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple:
         shard, offset = divmod(index, self.manifest["shard_size"])
         latents, labels = self.shard(shard)
-        return torch.from_numpy(np.array(latents[offset])), int(labels[offset])
+        item = torch.from_numpy(np.array(latents[offset])), int(labels[offset])
+        if self.images is None:
+            return item
+        image, label = self.images[index]
+        if label != item[1]:  # the store's order is the dataset's: another label means other images
+            raise UsageError(f"image {index} of data has label {label} but its latent in {self.folder} has {item[1]}; "
+                             f"the images changed since `atdiff encode`: encode again into a new data.latent_dir")
+        return (*item, image)
 
     def shard(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if index not in self._shards:
@@ -295,21 +307,24 @@ class LatentDataset(Dataset):
 
 
 def sample_latents(
-    posteriors: torch.Tensor, *, flip: bool, scaling_factor: float, shift_factor: float
-) -> torch.Tensor:
-    """Posteriors (B, 2, 2, C, h, w) -> latents (B, C, h, w) as the model sees them: the mirrored
-    image's posterior for a random half of the batch (with ``flip``), one sample from it, shifted and
-    scaled as diffusers' latent pipelines do. Draws from the device's global RNG (checkpointed by the
-    training loop, so a resumed run draws the same)."""
+    posteriors: torch.Tensor, images: torch.Tensor | None = None, *, flip: bool, scaling_factor: float, shift_factor: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Posteriors (B, 2, 2, C, h, w) -> (latents (B, C, h, w) as the model sees them, ``images``
+    mirrored alike): the mirrored image's posterior for a random half of the batch (with ``flip``),
+    one sample from it, shifted and scaled as diffusers' latent pipelines do. Draws from the device's
+    global RNG (checkpointed by the training loop, so a resumed run draws the same)."""
     posteriors = posteriors.float()
     batch = torch.arange(len(posteriors), device=posteriors.device)
     mirrored = (torch.rand(len(posteriors), device=posteriors.device) < 0.5).long() if flip else torch.zeros_like(batch)
     mean, std = posteriors[batch, mirrored].unbind(1)
-    return (mean + std * torch.randn_like(mean) - shift_factor) * scaling_factor
+    if images is not None:
+        images = torch.where(mirrored.bool()[:, None, None, None], images.flip(-1), images)
+    return (mean + std * torch.randn_like(mean) - shift_factor) * scaling_factor, images
 
 
-def open_store(data: DataConfig, vae) -> LatentDataset:
-    """The complete store of ``data`` encoded with ``vae``; ``MissingLatents`` when there is none yet."""
+def open_store(data: DataConfig, vae, with_images: bool = False) -> LatentDataset:
+    """The complete store of ``data`` encoded with ``vae``; ``MissingLatents`` when there is none yet.
+    ``with_images``: its items carry the images they were encoded from (``data``'s, in store order)."""
     source = StoreSource.of(data, weights_sha256(vae))
     folder = store_dir(data, source)
     manifest = read_manifest(folder)
@@ -322,7 +337,7 @@ def open_store(data: DataConfig, vae) -> LatentDataset:
             f"the latent store {folder} is incomplete ({manifest['num_shards'] - len(missing)} of "
             f"{manifest['num_shards']} shards encoded)"
         )
-    return LatentDataset(folder, manifest, data.random_flip)
+    return LatentDataset(folder, manifest, data.random_flip, load_dataset(data) if with_images else None)
 
 
 def check_model_fits(model_config: dict, dataset: LatentDataset) -> None:

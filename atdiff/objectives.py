@@ -7,7 +7,8 @@ which these objectives leave untrained (as SiT does): only the first ``C`` outpu
 the loss, and the schedulers use fixed variances.
 
 Every objective is an ``Objective``: it draws its noisy inputs, timesteps and regression targets in
-``training_inputs``; ``DistillationObjective`` reuses them to make a student match a frozen teacher.
+``training_inputs``; ``DistillationObjective`` reuses them to make a student match a frozen teacher,
+and ``atdiff.repa.RepresentationAlignment`` adds REPA's alignment term to any of them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .settings import REFUSED, SET, setting
 ObjectiveName = Literal["flow_matching", "ddpm"]
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
 OBJECTIVE_WHY = "the checkpoint's weights were trained for this objective; another one is a new run (e.g. model.init_from a finished run's folder)"
+REPA_WHY = "the checkpoint's projector and weights were trained for this alignment; another one is a new run (e.g. model.init_from a finished run's folder)"
 
 
 @dataclass
@@ -45,6 +47,13 @@ class ObjectiveConfig:
     # the loss is (1 - distill_weight) * the objective's own + distill_weight * the teacher-matching one.
     distill_from: str | None = setting(None, on_resume=REFUSED, why=OBJECTIVE_WHY)
     distill_weight: float = setting(1.0, on_resume=REFUSED, why=OBJECTIVE_WHY, range="(0, 1]", applies_if=("distill_from", SET))
+    # REPA (atdiff.repa): align the DiT's hidden states after block repa_encoder_depth, through an MLP
+    # projector of width repa_projector_dim, with this frozen DINOv2's patch features (a hub id such as
+    # facebook/dinov2-base, or a folder); the loss gains repa_proj_coeff * their negative cosine similarity.
+    repa_encoder: str | None = setting(None, on_resume=REFUSED, why=REPA_WHY, null="no REPA")
+    repa_encoder_depth: int = setting(8, on_resume=REFUSED, why=REPA_WHY, range="[1, inf)", applies_if=("repa_encoder", SET))
+    repa_proj_coeff: float = setting(0.5, on_resume=REFUSED, why=REPA_WHY, range="(0, inf)", applies_if=("repa_encoder", SET))
+    repa_projector_dim: int = setting(2048, on_resume=REFUSED, why=REPA_WHY, range="[1, inf)", applies_if=("repa_encoder", SET))
 
 
 def build_objective(cfg: ObjectiveConfig) -> Objective:
@@ -55,7 +64,11 @@ def build_objective(cfg: ObjectiveConfig) -> Objective:
     else:
         raise ValueError(f"objective.type must be one of {list(OBJECTIVES)}, got {cfg.type!r}")
     if cfg.distill_from:
-        return DistillationObjective(objective, cfg.distill_from, cfg.distill_weight)
+        objective = DistillationObjective(objective, cfg.distill_from, cfg.distill_weight)
+    if cfg.repa_encoder:
+        from .repa import RepresentationAlignment
+
+        objective = RepresentationAlignment(objective, cfg.repa_encoder, cfg.repa_encoder_depth, cfg.repa_proj_coeff, cfg.repa_projector_dim)
     return objective
 
 
@@ -66,7 +79,10 @@ def mean_prediction(model, x_t: torch.Tensor, timestep: torch.Tensor, class_labe
 
 class Objective(ABC):
     """What the training loop asks of an objective: a loss, the scheduler that samples from what it
-    trained, and a chance to move what it holds besides the model onto the training device."""
+    trained, and a chance to load, and move onto the training device, what it holds besides the model."""
+
+    # Whether ``loss`` needs the pixel images of latent data (``images``); the data then carries them.
+    needs_pixels = False
 
     @abstractmethod
     def make_scheduler(self):
@@ -76,10 +92,21 @@ class Objective(ABC):
     def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noisy input, timestep, regression target) for clean images ``x0``."""
 
-    def prepare(self, accelerator) -> None:
-        """Called once by the loop before training; only objectives holding modules of their own need it."""
+    def load(self) -> None:
+        """Load what the objective holds besides the model, raising ``UsageError`` when it does not load;
+        atdiff train calls it before the run folder is touched."""
 
-    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def prepare(self, accelerator, network: torch.nn.Module) -> None:
+        """Called once by the loop before training, with the bare network and under its seed; only
+        objectives holding modules of their own need it."""
+
+    def trained_module(self) -> torch.nn.Module | None:
+        """A module the objective trains with the model (REPA's projector): the loop optimises and
+        checkpoints it; no pipeline holds it."""
+        return None
+
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``images``: the pixel images of latent ``x0``, given when ``needs_pixels``."""
         x_t, t, target = self.training_inputs(x0)
         return F.mse_loss(mean_prediction(model, x_t, t, class_labels).float(), target.float())
 
@@ -164,7 +191,7 @@ class DistillationObjective(Objective):
     def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.objective.training_inputs(x0)
 
-    def prepare(self, accelerator) -> None:
+    def prepare(self, accelerator, network: torch.nn.Module) -> None:
         """Teacher on the accelerator's device, under its mixed-precision autocast."""
         self.load_teacher().to(accelerator.device)
         self.autocast = accelerator.autocast
@@ -176,7 +203,7 @@ class DistillationObjective(Objective):
             self.teacher = load_pretrained(self.teacher_path).eval().requires_grad_(False)
         return self.teacher
 
-    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, model, x0: torch.Tensor, class_labels: torch.Tensor | None = None, images: torch.Tensor | None = None) -> torch.Tensor:
         teacher = self.load_teacher()
         x_t, t, target = self.training_inputs(x0)
         teacher.train(model.training)  # label dropout on in both, or in neither

@@ -5,9 +5,14 @@ weights, gradients and AdamW state, plus the peak the step allocates on top).
     python -m atdiff.eval.training_step --size S/2 --mixer atconv --batch 8 --latent 32 --variants plain checkpointing
     python -m atdiff.eval.training_step --size XS/4 --variants plain compile --out eval/results --stem compile-cpu-xs4
 
+    python -m atdiff.eval.training_step --size S/2 --variants plain repa --stem repa-s2-atconv
+
 Variants: ``plain``; ``checkpointing`` (``enable_gradient_checkpointing()``, what
 ``training.gradient_checkpointing`` does); ``compile`` (``torch.compile`` of the model, as
-``training.compile``; its first step, which compiles, is reported apart and left out of the median).
+``training.compile``; its first step, which compiles, is reported apart and left out of the median);
+``repa`` (``objective.repa_encoder``: the same step plus REPA's term, block 8's hidden states through
+the projector against the encoder's features of 8x-sized images; ``--encoder`` is a DINOv2 folder or
+hub id, by default a tiny random one: hidden 32, 2 layers, patch 4).
 Writes ``STEM.json`` and ``STEM.md`` in ``--out``.
 """
 
@@ -18,20 +23,43 @@ import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from atdiff.files import write_atomic
 from atdiff.memory import model_peak_memory, module_tensors
 from atdiff.models import DiTModel, dit_size
+from atdiff.objectives import Objective
 
-VARIANTS = ("plain", "checkpointing", "compile")
+VARIANTS = ("plain", "checkpointing", "compile", "repa")
+TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=32)
 
 
-def make_step(size: str, mixer: str, latent: int, batch: int, variant: str, seed: int = 0):
+class FixedInputs(Objective):
+    """The plain step's regression as an objective, so that REPA wraps exactly what ``plain`` times."""
+
+    def __init__(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor):
+        self.inputs = x_t, t, target
+
+    def make_scheduler(self):
+        raise NotImplementedError("only trained here")
+
+    def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inputs
+
+
+def tiny_encoder(folder: str) -> str:
+    from transformers import Dinov2Config, Dinov2Model
+
+    Dinov2Model(Dinov2Config(**TINY_ENCODER)).save_pretrained(folder)
+    return folder
+
+
+def make_step(size: str, mixer: str, latent: int, batch: int, variant: str, seed: int = 0, encoder: str | None = None):
     """A training step (forward, backward, AdamW) of a fresh DiT, and the tensors it keeps between steps."""
     torch.manual_seed(seed)
     model = DiTModel(sample_size=latent, in_channels=4, num_classes=1000, learn_sigma=False, token_mixer=mixer, **dit_size(size))
@@ -39,26 +67,47 @@ def make_step(size: str, mixer: str, latent: int, batch: int, variant: str, seed
     if variant == "checkpointing":
         model.enable_gradient_checkpointing()
     network = torch.compile(model) if variant == "compile" else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, target = torch.randn(batch, 4, latent, latent), torch.randn(batch, 4, latent, latent)
     t, y = torch.rand(batch) * 1000, torch.randint(0, 1000, (batch,))
+    trained, frozen = [model], []
+    regression = FixedInputs(x, t, target)  # the mean squared error of the prediction
+    if variant == "repa":
+        from accelerate import Accelerator
+
+        from atdiff.repa import RepresentationAlignment
+
+        objective = RepresentationAlignment(regression, encoder, depth=min(8, model.config.depth))
+        objective.prepare(Accelerator(cpu=True), model)
+        images = torch.rand(batch, 3, latent * 8, latent * 8) * 2 - 1  # the pixels of 8x-downsampling VAE latents
+        trained.append(objective.trained_module())
+        frozen.append(objective.encoder)
+        loss = partial(objective.loss, network, x, y, images)
+    else:
+        loss = partial(regression.loss, network, x, y)
+
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
 
     def step():
-        F.mse_loss(network(x, t, y).sample, target).backward()
+        loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as they are between training steps
 
     def resident() -> list[torch.Tensor]:
         state = [v for values in optimizer.state.values() for v in values.values() if torch.is_tensor(v)]
-        return [*module_tensors(model), *(p.grad for p in model.parameters() if p.grad is not None), *state]
+        modules = [t for module in trained + frozen for t in module_tensors(module)]
+        return [*modules, *(p.grad for p in parameters if p.grad is not None), *state]
 
     return step, resident
 
 
 def measure(args: argparse.Namespace) -> dict:
     steps, results = {}, {}
+    encoder = None
+    if "repa" in args.variants:
+        encoder = args.encoder or tiny_encoder(tempfile.mkdtemp(prefix="tiny-dinov2-"))
     for variant in args.variants:
-        step, resident = make_step(args.size, args.mixer, args.latent, args.batch, variant)
+        step, resident = make_step(args.size, args.mixer, args.latent, args.batch, variant, encoder=encoder)
         start = time.perf_counter()
         step()  # warm-up: allocates gradients and AdamW state (and compiles)
         first = time.perf_counter() - start
@@ -104,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["plain", "checkpointing"], help="the first is the reference")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--encoder", help="repa: a DINOv2 folder or hub id (default: a tiny random one, see above)")
     parser.add_argument("--out", default=".", help="folder for STEM.json and STEM.md")
     parser.add_argument("--stem", default="training-step")
     args = parser.parse_args(argv)

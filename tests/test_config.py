@@ -207,6 +207,7 @@ BAD_VALUES = [
     ("training.lr_warmup_steps", -1), ("training.sample_every", -1), ("training.checkpoint_every", -5),
     ("training.num_sample_images", 0), ("training.checkpoints_total_limit", 0), ("training.log_every", 0),
     ("objective.num_train_timesteps", 0), ("objective.distill_weight", 0), ("objective.distill_weight", 1.5),
+    ("objective.repa_encoder_depth", 0), ("objective.repa_proj_coeff", 0), ("objective.repa_projector_dim", 0),
     ("data.resolution", -32), ("data.num_workers", -1),
     ("sampling.num_inference_steps", 0), ("sampling.guidance_scale", float("nan")), ("sampling.guidance_channels", 0),
     ("sampling.seed", -1), ("sampling.seed", 2**64), ("training.eval_every", -1), ("training.eval_num_images", 1), ("training.eval_num_real", 1),
@@ -267,14 +268,14 @@ def without_mixer(path: Path) -> tuple[str, dict]:
     return raw["model"].pop("token_mixer"), raw
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.endswith("-atconv")], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.endswith(("-atconv", "-atconv-repa"))], ids=lambda p: p.stem)
 def test_pairs_differ_only_in_the_token_mixer(path):
     mixer, rest = without_mixer(path)
     assert mixer == "atconv"
     twins = [path.with_name(path.name.replace("-atconv", f"-{kind}")) for kind in ("attention", "hybrid")]
     for twin in filter(Path.exists, twins):
         twin_mixer, twin_rest = without_mixer(twin)
-        assert twin.stem.endswith(twin_mixer) and twin_rest == rest
+        assert twin.stem.removesuffix("-repa").endswith(twin_mixer) and twin_rest == rest
 
 
 @pytest.mark.parametrize("path", [p for p in SHIPPED if p.stem.startswith("fashion-mnist")], ids=lambda p: p.stem)
@@ -283,7 +284,8 @@ def test_fashion_mnist_models_build(path):
     assert model.config.in_channels == 1
 
 
-IMAGENET = sorted(CONFIGS.glob("imagenet*-sit-*.yaml"))
+IMAGENET = sorted(p for p in CONFIGS.glob("imagenet*-sit-*.yaml") if not p.stem.endswith("-repa"))
+REPA = sorted(CONFIGS.glob("*-repa.yaml"))
 
 
 def test_imagenet_configs_cover_every_size_and_mixer():
@@ -307,3 +309,21 @@ def test_imagenet_configs_follow_sits_recipe(path):
     model = cfg.model.resolved()
     assert (model["sample_size"], model["in_channels"], model["num_classes"]) == (resolution // 8, 4, 1000)
     assert cfg.model.size == path.stem.split("-")[2].upper().replace("2", "/2")
+
+
+def test_repa_configs_are_the_atconv_authors_run_for_each_mixer():
+    assert {p.stem for p in REPA} == {f"imagenet256-sit-xl2-{mixer}-repa" for mixer in ("attention", "atconv", "hybrid")}
+
+
+@pytest.mark.parametrize("path", REPA, ids=lambda p: p.stem)
+def test_repa_configs_follow_the_authors_run(path):
+    """price112/Attentive-Convolution generation/REPA/run_sit_atconv_xl.txt with sihyun-yu/REPA train.py's defaults."""
+    cfg = load_config(path)
+    t, d, o = cfg.training, cfg.data, cfg.objective
+    assert (o.type, o.timestep_sampling) == ("flow_matching", "uniform")  # linear path, v prediction, uniform weighting
+    assert (o.repa_encoder, o.repa_encoder_depth, o.repa_proj_coeff, o.repa_projector_dim) == ("facebook/dinov2-base", 8, 0.5, 2048)
+    assert (t.learning_rate, t.weight_decay, t.lr_scheduler, t.lr_warmup_steps, t.max_grad_norm) == (1e-4, 0.0, "constant", 0, 1.0)
+    assert (t.batch_size, t.max_steps, t.ema_decay, t.mixed_precision, t.seed) == (256, 2_000_000, 0.9999, "bf16", 0)
+    assert (d.dataset, d.resolution, d.resize_mode, d.random_flip, d.vae) == ("imagefolder", 256, "adm_center_crop", False, "stabilityai/sd-vae-ft-mse")
+    model = cfg.model.resolved()
+    assert (cfg.model.size, model["sample_size"], model["in_channels"], model["num_classes"], model["class_dropout_prob"]) == ("XL/2", 32, 4, 1000, 0.1)

@@ -213,17 +213,21 @@ def test_encode_refuses_a_config_without_a_vae_in_one_line(tmp_path, capsys):
 def test_latent_samples_flip_and_scale_as_the_vae_expects():
     mean = torch.randn(64, 2, 4, 2, 2)
     posterior = torch.stack([mean, torch.zeros_like(mean)], dim=2)  # std 0: the sample is the mean
-    plain = sample_latents(posterior, flip=False, scaling_factor=0.5, shift_factor=0.1)
+    plain, no_images = sample_latents(posterior, flip=False, scaling_factor=0.5, shift_factor=0.1)
     torch.testing.assert_close(plain, (mean[:, 0] - 0.1) * 0.5)
+    assert no_images is None
+    images = torch.randn(64, 3, 8, 8)
     torch.manual_seed(0)
-    flipped = sample_latents(posterior, flip=True, scaling_factor=1.0, shift_factor=0.0)
+    flipped, seen = sample_latents(posterior, images, flip=True, scaling_factor=1.0, shift_factor=0.0)
     mirrored = (flipped == mean[:, 1]).flatten(1).all(1)
     assert ((flipped == mean[:, 0]).flatten(1).all(1) ^ mirrored).all() and 16 < mirrored.sum() < 48
+    # the images a latent came from are mirrored with it (REPA's encoder sees what the latent shows)
+    assert torch.equal(seen[mirrored], images[mirrored].flip(-1)) and torch.equal(seen[~mirrored], images[~mirrored])
     torch.manual_seed(0)
-    assert torch.equal(sample_latents(posterior, flip=True, scaling_factor=1.0, shift_factor=0.0), flipped)
+    assert torch.equal(sample_latents(posterior, flip=True, scaling_factor=1.0, shift_factor=0.0)[0], flipped)
 
     noisy = torch.stack([torch.zeros(1024, 2, 4, 2, 2), torch.full((1024, 2, 4, 2, 2), 2.0)], dim=2)
-    samples = sample_latents(noisy, flip=False, scaling_factor=1.0, shift_factor=0.0)
+    samples, _ = sample_latents(noisy, flip=False, scaling_factor=1.0, shift_factor=0.0)
     assert abs(samples.std().item() - 2.0) < 0.05  # a fresh draw from N(mean, std^2)
 
 
@@ -345,3 +349,25 @@ def test_train_refuses_a_model_that_does_not_take_the_latents(tmp_path, store):
     raw["model"].update(in_channels=4, sample_size=16)
     with pytest.raises(UsageError, match="model.sample_size=8"):
         train(config_from_dict(raw))
+
+
+def test_repa_on_latents_shows_the_encoder_the_image_each_latent_came_from(tmp_path, store, monkeypatch):
+    from atdiff.repa import RepresentationAlignment
+    from atdiff.training import train
+    from test_repa import tiny_encoder
+
+    images = load_dataset(store)
+    dataset = open_store(store, AutoencoderKL.from_pretrained(store.vae), with_images=True)
+    posterior, label, image = dataset[5]
+    assert torch.equal(posterior, open_store(store, AutoencoderKL.from_pretrained(store.vae))[5][0])
+    assert torch.equal(image, images[5][0]) and label == images[5][1]
+
+    seen, features = [], RepresentationAlignment.features
+    monkeypatch.setattr(RepresentationAlignment, "features", lambda self, pixels: seen.append(pixels) or features(self, pixels))
+    raw = latent_run(store, tmp_path / "run", max_steps=3, sample_every=0, checkpoint_every=0)
+    raw["objective"].update(repa_encoder=str(tiny_encoder(tmp_path / "encoder")), repa_encoder_depth=1, repa_projector_dim=8)
+    assert train(config_from_dict(raw)).step == 3
+    originals = torch.stack([images[i][0] for i in range(len(images))])
+    shown = torch.cat(seen)  # 64x64 images, mirrored with their latents
+    mirrored = [next(flip for flip in (False, True) if any(torch.equal(s, o.flip(-1) if flip else o) for o in originals)) for s in shown]
+    assert len(shown) == 12 and 0 < sum(mirrored) < 12

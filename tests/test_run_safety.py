@@ -281,9 +281,9 @@ def test_max_skipped_steps_skips_non_finite_steps_then_stops(tmp_path, monkeypat
     # Steps 2 and 4 get a NaN loss (each step is 2 micro-batches): both skipped, the run completes.
     nan_calls, calls, loss = {3, 7}, [], FlowMatchingObjective.loss
 
-    def nan_on(self, model, x0, labels=None):
+    def nan_on(self, model, x0, labels=None, images=None):
         calls.append(1)
-        value = loss(self, model, x0, labels)
+        value = loss(self, model, x0, labels, images)
         return value * float("nan") if len(calls) in nan_calls else value
 
     monkeypatch.setattr(FlowMatchingObjective, "loss", nan_on)

@@ -88,9 +88,9 @@ def loss_counter(monkeypatch, action, at_call: int):
     """Wrap the objective's loss; ``action(loss)`` runs on call number ``at_call`` (2 calls a step)."""
     original, calls = FlowMatchingObjective.loss, []
 
-    def loss(self, model, x0, labels=None):
+    def loss(self, model, x0, labels=None, images=None):
         calls.append(1)
-        value = original(self, model, x0, labels)
+        value = original(self, model, x0, labels, images)
         return action(value) if len(calls) == at_call else value
 
     monkeypatch.setattr(FlowMatchingObjective, "loss", loss)

@@ -146,9 +146,9 @@ def test_the_training_step_benchmark_writes_its_report(tmp_path):
     from atdiff.eval import training_step
 
     assert training_step.main(["--size", "T/4", "--latent", "16", "--batch", "2", "--repeats", "2",
-                               "--variants", "plain", "checkpointing", "--out", str(tmp_path), "--stem", "toy"]) == 0
+                               "--variants", "plain", "checkpointing", "repa", "--out", str(tmp_path), "--stem", "toy"]) == 0
     record = json.loads((tmp_path / "toy.json").read_text())
-    assert set(record["results"]) == {"plain", "checkpointing"}
+    assert set(record["results"]) == {"plain", "checkpointing", "repa"}
     for result in record["results"].values():
         assert len(result["times_s"]) == 2 and result["median_s"] > 0
         # resident: weights, gradients and AdamW state; the step allocates more on top

@@ -3,6 +3,7 @@
 A checkpoint folder holds::
 
     model.safetensors        the bare model's weights
+    objective.safetensors    the weights the objective trains besides the model (REPA's projector), if any
     ema.safetensors          EMAModel.state_dict()            tensor trees (``tensor_tree``): tensors
     optimizer.safetensors    optimizer.state_dict()           in safetensors, structure as JSON in
     scheduler.safetensors    LR scheduler state_dict()        the file's metadata
@@ -51,6 +52,7 @@ from .tensor_tree import load_tree, os_errors, save_tree
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 FORMAT, VERSION = "atdiff-checkpoint", 1
 PROGRESS = "progress.json"
+OBJECTIVE_FILE = "objective.safetensors"
 REQUIRED = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "scheduler.safetensors", PROGRESS, "rng-0.safetensors")
 ABANDONED = "abandoned"  # where checkpoints of an abandoned line of a run are moved
 
@@ -64,6 +66,12 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None  # fp16 only
+    objective_module: torch.nn.Module | None = None  # trained with the network, in no pipeline (Objective.trained_module)
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates: the network's parameters and the objective's own."""
+        extra = self.objective_module.parameters() if self.objective_module is not None else ()
+        return [*self.network.parameters(), *extra]
 
 
 @dataclass
@@ -183,6 +191,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
     if acc.is_main_process:
         with os_errors(partial / "model.safetensors"):
             save_model(state.network, str(partial / "model.safetensors"))
+            if state.objective_module is not None:
+                save_model(state.objective_module, str(partial / OBJECTIVE_FILE))
         save_tree(partial / "ema.safetensors", state.ema.state_dict())
         save_tree(partial / "optimizer.safetensors", state.optimizer.state_dict())
         save_tree(partial / "scheduler.safetensors", state.lr_scheduler.state_dict())
@@ -245,12 +255,14 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
     the accumulation steps, the only thing it is used for.)"""
     try:
         load_model(state.network, str(checkpoint / "model.safetensors"))
+        if state.objective_module is not None:  # the objective keys are refused on resume: a checkpoint of this run has it
+            load_model(state.objective_module, str(checkpoint / OBJECTIVE_FILE))
         state.ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
         state.optimizer.load_state_dict(load_tree(checkpoint / "optimizer.safetensors"))
         state.lr_scheduler.load_state_dict(load_tree(checkpoint / "scheduler.safetensors"))
         if state.scaler is not None and (checkpoint / "scaler.safetensors").is_file():
             state.scaler.load_state_dict(load_tree(checkpoint / "scaler.safetensors"))
-    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # verified, so a model or optimizer that differs
+    except (RuntimeError, ValueError, KeyError, TypeError, FileNotFoundError) as err:  # verified, so a model or optimizer that differs
         first_line = str(err).strip().splitlines()[0]
         raise UsageError(f"--resume {checkpoint}: does not fit this model and optimizer ({first_line})") from None
     progress = read_progress(checkpoint)

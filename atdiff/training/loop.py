@@ -3,9 +3,11 @@
 One process or many (``accelerate launch -m atdiff train ...``, DDP; DeepSpeed and FSDP are
 refused, see ``refuse_sharded_training``). The loop knows nothing about the network or the
 objective: ``train`` builds the parts and hands the ``Trainer`` a model, an ``Objective``
-(``objective.loss(model, x0, labels)``), a stream of batches and three narrow facts about the
+(``objective.loss(model, x0, labels, images)``), a stream of batches and three narrow facts about the
 model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
-precision, EMA, sample grids, trackers and checkpoints. With ``training.eval_every`` it also hands
+precision, EMA, sample grids, trackers and checkpoints; a module the objective trains itself
+(``Objective.trained_module``: REPA's projector) joins the optimizer, clipping and checkpoints, never
+the EMA or a pipeline. With ``training.eval_every`` it also hands
 its EMA pipeline to an evaluator (``atdiff.eval.training_eval``) for FID and KID.
 
 Crash safety: checkpoints (``atdiff.training.checkpoint``) are complete or absent, verified before
@@ -79,10 +81,11 @@ class TrainingResult:
 
 @dataclass(frozen=True)
 class ModelInterface:
-    """All the loop knows of the model, besides calling ``objective.loss(model, x0, labels)``."""
+    """All the loop knows of the model, besides calling ``objective.loss(model, x0, labels, images)``."""
 
     num_classes: int  # 0: unconditional, labels are never passed
-    augment: Callable[[torch.Tensor], torch.Tensor] | None  # applied to each batch of images on the device
+    # applied on the device to each batch (x0, the pixel images of latent x0 or None), mirroring both alike
+    augment: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]] | None
     make_pipeline: Callable[[torch.nn.Module], DiffusionPipeline]  # the bare model -> sample grids, final folder
 
 
@@ -109,7 +112,9 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         checkpoint_folder(resume, output_dir)  # a mistyped path is refused before the folder is created
     refuse_sharded_training()
     check_tracker_installed(cfg.training.log_with)
-    data = load_training_data(cfg.data)  # before any work: a latent config may lack its store
+    objective = build_objective(cfg.objective)
+    objective.load()  # e.g. REPA's encoder: one that does not load stops here, before the run folder is touched
+    data = load_training_data(cfg.data, with_images=objective.needs_pixels)  # before any work: a latent config may lack its store
     accelerator = make_accelerator(cfg, output_dir)
     if cfg.training.compile:
         check_compile(accelerator.device)
@@ -119,7 +124,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         # first so that a folder that is not a run never gets a lock file).
         check_output_dir(output_dir, resume)
         try:
-            return start_training(accelerator, cfg, output_dir, resume, *data)
+            return start_training(accelerator, cfg, output_dir, resume, objective, *data)
         except OSError as err:
             if is_output_dir_error(output_dir, err):
                 raise output_dir_error(output_dir, err) from None
@@ -181,10 +186,11 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
 
 
 def start_training(
-    accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None, dataset, vae: AutoencoderKL | None
+    accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None, objective: Objective, dataset,
+    vae: AutoencoderKL | None,
 ) -> TrainingResult:
-    """Build (or resume) everything the loop trains, under the run folder's lock, and run it on
-    ``dataset`` (images, or latents of ``vae``: ``atdiff.data.load_training_data``)."""
+    """Build (or resume) everything the loop trains, under the run folder's lock, and run it with
+    ``objective`` on ``dataset`` (images, or latents of ``vae``: ``atdiff.data.load_training_data``)."""
     tcfg = cfg.training
     # Every process verifies on its own (reading each file once more) and reaches the same choice,
     # so a refusal stops them all rather than leaving some waiting for a broadcast.
@@ -197,16 +203,16 @@ def start_training(
     model = build_model(cfg.model, report=accelerator.print)
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    # e.g. a distillation teacher onto the device, under the same autocast; REPA's projector, under the model's seed
+    objective.prepare(accelerator, model)
     set_seed(tcfg.seed, device_specific=True)
-    objective = build_objective(cfg.objective)
-    objective.prepare(accelerator)  # e.g. a distillation teacher: onto the device, under the same autocast
     interface = model_interface(model, dataset, objective, cfg, vae)
 
     ema = make_ema(model, tcfg)
-    optimizer = make_optimizer(model, tcfg)
+    optimizer = make_optimizer(model, tcfg, objective.trained_module())
     lr_scheduler = make_lr_scheduler(optimizer, tcfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    state = TrainingState(accelerator.unwrap_model(model), ema, optimizer, lr_scheduler, accelerator.scaler)
+    state = TrainingState(accelerator.unwrap_model(model), ema, optimizer, lr_scheduler, accelerator.scaler, objective.trained_module())
     if tcfg.compile:  # only the training forward runs compiled; state.network stays the plain module it shares weights with
         model = torch.compile(model)
 
@@ -395,14 +401,16 @@ class Trainer:
         total = 0.0
         for _ in range(tcfg.gradient_accumulation_steps):
             with timer.phase("data"):
-                images, labels = next(batches)
-                images = images.to(acc.device, non_blocking=True)
+                # (x0, labels), or with latent data for an objective that sees pixels (x0, labels, images)
+                x0, labels, *pixels = next(batches)
+                x0 = x0.to(acc.device, non_blocking=True)
+                images = pixels[0].to(acc.device, non_blocking=True) if pixels else None
                 labels = labels.to(acc.device, non_blocking=True) if self.interface.num_classes else None
                 if self.interface.augment is not None:
-                    images = self.interface.augment(images)
+                    x0, images = self.interface.augment(x0, images)
             with acc.accumulate(self.model):  # leaves sync_gradients set after the last micro-batch
                 with timer.phase("forward"):
-                    loss = self.objective.loss(self.model, images, labels)
+                    loss = self.objective.loss(self.model, x0, labels, images)
                 with timer.phase("backward"):
                     acc.backward(loss)
             total = total + loss.detach()
@@ -410,7 +418,7 @@ class Trainer:
             # Clipping at infinity only measures the norm (and scales by exactly 1). A NaN or inf norm
             # means a gradient that is not finite, or so large that its norm overflows.
             max_norm = math.inf if tcfg.max_grad_norm is None else tcfg.max_grad_norm
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).float()
+            grad_norm = acc.clip_grad_norm_(state.trained_parameters(), max_norm).float()
             # With fp16 the GradScaler skips steps with non-finite gradients (and lowers its scale) itself.
             bad_gradients = (~torch.isfinite(grad_norm)).float() * (state.scaler is None)
             mean_loss = (total / tcfg.gradient_accumulation_steps).float()
@@ -434,6 +442,8 @@ class Trainer:
         state = self.state
         optimizer_state = [v for values in state.optimizer.state.values() for v in values.values() if torch.is_tensor(v)]
         resident = [*module_tensors(state.network), *optimizer_state, *state.ema.shadow_params]
+        if state.objective_module is not None:
+            resident += module_tensors(state.objective_module)
         outcome = []
         self.model_memory = model_peak_memory(lambda: outcome.append(self.train_step(batches, stop)), self.accelerator.device, resident)
         return outcome[0]
@@ -515,9 +525,9 @@ class Trainer:
     def check_finite_weights(self, step: int) -> None:
         """Stop a run whose update made weights non-finite before any output is made of them (checkpoints,
         grids, evals). Every process holds the same weights, so all stop alike."""
-        bad = nonfinite_count([*self.state.network.parameters(), *self.state.ema.shadow_params])
+        bad = nonfinite_count([*self.state.trained_parameters(), *self.state.ema.shadow_params])
         if bad:
-            raise self.diverged(f"after step {step}, {bad} weights of the model or its EMA are not finite")
+            raise self.diverged(f"after step {step}, {bad} weights of the model, its EMA or the objective's are not finite")
 
     def diverged(self, what: str) -> TrainingDiverged:
         return TrainingDiverged(

@@ -18,19 +18,22 @@ from ..config import TrainingConfig
 DECAYING, EXEMPT = 0, 1
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, weight_decay: float, extra: torch.nn.Module | None = None) -> list[dict]:
     """AdamW groups; parameters the model names in ``no_weight_decay()`` (ATConv's
-    ``difference_control``, a gate whose pull towards 0 would bias the inhibition) take none."""
+    ``difference_control``, a gate whose pull towards 0 would bias the inhibition) take none.
+    ``extra``: a module trained with the model (REPA's projector), decaying like it."""
     exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     named = list(model.named_parameters())
     groups = [None, None]
-    groups[DECAYING] = {"params": [p for n, p in named if n not in exempt], "weight_decay": weight_decay}
+    own = list(extra.parameters()) if extra is not None else []
+    groups[DECAYING] = {"params": [p for n, p in named if n not in exempt] + own, "weight_decay": weight_decay}
     groups[EXEMPT] = {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0}
     return groups
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))
+def make_optimizer(model: torch.nn.Module, t: TrainingConfig, extra: torch.nn.Module | None = None) -> torch.optim.AdamW:
+    groups = parameter_groups(model, t.weight_decay, extra)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2))
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, t: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
