@@ -49,10 +49,10 @@ def atomic_path(path: Path, shared: bool = False) -> Iterator[Path]:
     remove_temp(partial)
     try:
         yield partial
+        os.replace(partial, path)  # fails too when a folder has the name
     except BaseException:
         remove_temp(partial)
         raise
-    os.replace(partial, path)
 
 
 def remove_temp(partial: Path) -> None:
