@@ -33,9 +33,9 @@ from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, check_writable, write_atomic
 from .integrity import read_model_index
 from .limits import check_disk, check_forward, check_memory, png_folder_bytes
+from .objectives import ObjectiveConfig
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder
-from .objectives import ObjectiveConfig
 from .settings import check_range, check_section, rule_of
 
 SETTINGS_FILE = "atdiff_sample.json"

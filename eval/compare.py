@@ -363,37 +363,34 @@ def train_runs(entries: list[Entry], overrides: list[str], jobs: int) -> None:
     env = child_environment(thread_environment(jobs))
     children = ChildProcesses()
     with children.forwarding_sigterm(), ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1, children), pending))
-    failed = [f"{entry.name} seed {run.seed} (exit code {code}: {last_error(train_log(run))})"
-              for (entry, run), code in zip(pending, codes) if code]
+        failures = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1, children), pending))
+    failed = [f"{entry.name} seed {run.seed} ({failure})" for (entry, run), failure in zip(pending, failures) if failure]
     if failed:
-        raise UsageError(f"training stopped: {'; '.join(failed)}; see {train_log(pending[0][1]).name} in each run's "
-                         f"comparison folder, then rerun the same compare command to resume")
+        raise UsageError(f"training stopped: {'; '.join(failed)}; see train.log in each run's comparison folder, "
+                         f"then rerun the same compare command to resume")
 
 
-def train_log(run: Run) -> Path:
-    return run.results / "train.log"
-
-
-def train_run(entry: Entry, run: Run, overrides: list[str], env: dict, parallel: bool, children: ChildProcesses) -> int:
-    """One ``atdiff train`` child, its output written to ``train.log`` (and, when it runs alone, shown live)."""
+def train_run(entry: Entry, run: Run, overrides: list[str], env: dict, parallel: bool, children: ChildProcesses) -> str | None:
+    """One ``atdiff train`` child, its output appended to ``train.log`` (and, when it runs alone, shown
+    live); None when it succeeded, else its exit code and last error line."""
     command = [sys.executable, "-m", "atdiff", "train", "--config", str(entry.source), "--resume", "latest", *overrides,
                f"training.seed={run.seed}", f"training.output_dir={json.dumps(str(run.run_dir))}"]
-    log = train_log(run)
+    log = run.results / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    start = log.stat().st_size if log.exists() else 0  # the log keeps earlier attempts: read only this one
     # Parallel runs would interleave their progress bars: those only write their logs.
     print(f"[{entry.name} seed {run.seed}] training, log in {log}" + ("" if parallel else f": {shlex.join(command[2:])}"), flush=True)
     code = children.call(command, log, echo=not parallel, env=env)
     if parallel:
         print(f"[{entry.name} seed {run.seed}] training {'done' if code == 0 else f'stopped (exit code {code})'}", flush=True)
-    return code
+    return f"exit code {code}: {last_error(log, start)}" if code else None
 
 
-def last_error(log: Path) -> str:
-    """What a failed child said last: its ``atdiff ...: error:`` line, else its last line (a traceback's
-    exception). Progress bars redraw with carriage returns: those end lines too."""
+def last_error(log: Path, start: int = 0) -> str:
+    """What a failed child said last in ``log`` after byte ``start``: its ``atdiff ...: error:`` line, else
+    its last line (a traceback's exception). Progress bars redraw with carriage returns: those end lines too."""
     with open(log, "rb") as file:
-        file.seek(max(file.seek(0, os.SEEK_END) - 65536, 0))
+        file.seek(max(file.seek(0, os.SEEK_END) - 65536, start))
         lines = [line.strip() for line in file.read().decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("atdiff ") and ": error: " in line]
     return (errors or lines or ["no output"])[-1]

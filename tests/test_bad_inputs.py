@@ -44,27 +44,12 @@ BIG = "1000000000"  # a count that scales time or memory far past any machine's
 
 @dataclass
 class Workspace:
-    """The paths a case's command line names (``{config}``, ``{pipe}``, ``{run}``, ``{out}``), all under one folder."""
+    """The paths a case's command line names (``{config}``, ``{pipe}``, ``{run}``, ``{out}``), all under ``root``."""
 
     root: Path
-    pipe_source: Path
-    run_source: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / "tiny.yaml"
-
-    @property
-    def pipe(self) -> Path:
-        return self.root / "pipe"
-
-    @property
-    def run(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def out(self) -> Path:
-        return self.root / "out"
+    def __post_init__(self):
+        self.config, self.pipe, self.run, self.out = (self.root / name for name in ("tiny.yaml", "pipe", "run", "out"))
 
     def checkpoint(self) -> Path:
         return list_checkpoints(self.run)[-1][1]
@@ -295,9 +280,9 @@ def workspace(sources, tmp_path, monkeypatch) -> Workspace:
     monkeypatch.chdir(tmp_path)  # defaults (bench's ./bench, outputs/) land inside the snapshot
     monkeypatch.setenv("ATDIFF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    w = Workspace(tmp_path, *sources)
-    shutil.copytree(w.pipe_source, w.pipe)
-    shutil.copytree(w.run_source, w.run, symlinks=True)
+    w = Workspace(tmp_path)
+    shutil.copytree(sources[0], w.pipe)
+    shutil.copytree(sources[1], w.run, symlinks=True)
     for name in ("tiny.yaml", "tiny2.yaml"):
         raw = tiny_config(tmp_path / "unused", max_steps=1)
         if name == "tiny2.yaml":

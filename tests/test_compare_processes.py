@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+from atdiff.eval.compare import ChildProcesses, last_error
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -66,3 +68,14 @@ def assert_ended(pids: list[int]) -> None:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(pid) for pid in pids), "a training child outlived compare"
+
+
+def test_a_failed_childs_reason_is_its_last_error_line(tmp_path):
+    """compare names why a training stopped: the child's output goes to its log, whose error line is read back."""
+    log = tmp_path / "train.log"
+    fail = "import sys; sys.stderr.write('train:  50%|#####     | 1/2\\r'); sys.exit('atdiff train: error: data.root: no such folder')"
+    assert ChildProcesses().call([sys.executable, "-c", fail], log, echo=False) == 1
+    assert last_error(log) == "atdiff train: error: data.root: no such folder"
+    crash, start = "raise RuntimeError('CUDA out of memory')", log.stat().st_size
+    assert ChildProcesses().call([sys.executable, "-c", crash], log, echo=False) == 1  # appended: a resumed run
+    assert last_error(log, start) == "RuntimeError: CUDA out of memory"  # a traceback's last line

@@ -148,8 +148,8 @@ def read_stats(run_dir: Path) -> dict:
         return {}
     try:
         stats = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        stats = err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        stats = None  # refused below with any other content atdiff does not write
     if not isinstance(stats, dict) or type(stats.get("steps", 0)) is not int:
         raise UsageError(f"{path} is not the statistics file atdiff train writes; move it away (the next checkpoint "
                          f"writes a new one, without the wall-clock totals before it)")
