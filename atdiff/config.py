@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +25,7 @@ from diffusers.optimization import SchedulerType
 
 from .data import DataConfig
 from .errors import UsageError, one_line
+from .integrity import read_model_index
 from .objectives import ObjectiveConfig, build_objective
 from .pipelines import scheduler_by_name
 from .pipelines.schedulers import prediction_type_of
@@ -476,8 +476,7 @@ def check_teacher(cfg: ExperimentConfig, student: dict[str, Any]) -> None:
     for key in ("in_channels", "sample_size", "num_classes", "class_dropout_prob"):
         if key in teacher and teacher[key] != student.get(key):
             raise UsageError(f"objective.distill_from {path}: the teacher's {key} is {teacher[key]}, the student's {student.get(key)}; they must match")
-    index = Path(path, "model_index.json")
-    predicts = json.loads(index.read_text()).get("prediction_type") if index.is_file() else None
+    predicts = read_model_index(Path(path)).get("prediction_type") if Path(path, "model_index.json").is_file() else None
     trains = prediction_type_of(build_objective(cfg.objective).make_scheduler())
     if predicts is not None and predicts != trains:
         raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")

@@ -37,7 +37,7 @@ import torch
 from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, apply_override, flat_config, load_config, section_from_dict
 from atdiff.devices import check_device
 from atdiff.errors import UsageError
-from atdiff.files import check_writable, write_atomic
+from atdiff.files import check_writable, read_json_object, write_atomic
 from atdiff.limits import check_training_fits
 from atdiff.processes import child_environment
 from atdiff.settings import bounds, rule_of
@@ -319,7 +319,7 @@ def claim_comparison(out: Path, settings: CompareSettings) -> None:
     """Resume only with the same settings, so one report never mixes numbers of two set-ups."""
     record = out / "compare.json"
     if record.is_file():
-        previous = json.loads(record.read_text())["settings"]
+        previous = read_json_object(record, "it is compare's record of this folder: restore it, or use another --out").get("settings")
         if previous != json.loads(json.dumps(asdict(settings))):
             changed = [k for k, v in asdict(settings).items() if previous.get(k) != v]
             raise UsageError(f"{out} holds a comparison with other settings ({', '.join(changed)}); use another --out")
@@ -339,7 +339,7 @@ def claim_comparison(out: Path, settings: CompareSettings) -> None:
 def stored(path: Path, compute) -> dict:
     """A stage's result: read if a previous run finished it, else computed and stored atomically."""
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json_object(path, "delete it, and this stage is computed again")
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(result, indent=2) + "\n")

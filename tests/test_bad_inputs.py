@@ -69,9 +69,12 @@ def edit_pipe_json(name: str, **values) -> Callable[[Workspace], None]:
     return setup
 
 
-def write_file(relative: str, text: str) -> Callable[[Workspace], None]:
+def write_file(relative: str, text: str, *more: str) -> Callable[[Workspace], None]:
+    """Write ``text`` to ``relative`` (and the next pairs of ``more``), making folders as needed."""
     def setup(w: Workspace) -> None:
-        (w.root / relative).write_text(text)
+        for name, content in zip((relative, *more[::2]), (text, *more[1::2])):
+            (w.root / name).parent.mkdir(parents=True, exist_ok=True)
+            (w.root / name).write_text(content)
     return setup
 
 
@@ -139,6 +142,8 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         (f"{TRAIN} training.learning_rate=nan", None),
         (f"{TRAIN} --max-steps 0", None),
         (f"{TRAIN} --resume checkpoint-9", None),
+        (f"{TRAIN} model.init_from={{root}}/broken", write_file("broken/config.json", "{not json")),
+        (f"{TRAIN} objective.distill_from={{pipe}}", write_file("pipe/model_index.json", "[]")),
         (RESUME, write_file("run/training_stats.json", "{garbled")),
         (RESUME, write_file("run/training_stats.json", "[1, 2]")),
         (RESUME, edit_checkpoint(progress_images_seen)),
@@ -191,6 +196,8 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         (f"{COMPARE} objective.num_train_timesteps={BIG}", None),
         (f"{COMPARE} training.num_sample_images=100000000", None),
         (f"{COMPARE} --baseline nobody", None),
+        (COMPARE, write_file("out/compare.json", "{garbled")),
+        (COMPARE, write_file("out/compare.json", "[]")),
     ],
     "bench": [
         ("bench --out {out} --budget-s nan", None),
@@ -219,6 +226,7 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         ("import {root}/missing.pt --out {out}", None),
         ("import {root}/garbage.pt --out {out}", write_file("garbage.pt", "not a zip")),
         ("import {pipe} --out {pipe}", None),
+        ("import {root}/broken --out {out}", write_file("broken/model_index.json", "{}", "broken/transformer/config.json", "[")),
         ("import {pipe} --out {out} --size 4", None),
         ("import {pipe} --out {out} --sample-size 65536", None),
     ],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import fcntl
 import os
 import stat
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError, os_error_line
-from ..files import TEMP_PREFIX, remove_temp, temp_path, write_atomic
+from ..files import TEMP_PREFIX, read_json_object, remove_temp, temp_path, write_atomic
 from ..integrity import MANIFEST, PIPELINE_INDEX, PIPELINE_MODULE, pipeline_components
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import ABANDONED, list_checkpoints
@@ -146,13 +145,10 @@ def read_stats(run_dir: Path) -> dict:
     path = run_dir / STATS
     if not path.is_file():
         return {}
-    try:
-        stats = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        stats = None  # refused below with any other content atdiff does not write
-    if not isinstance(stats, dict) or type(stats.get("steps", 0)) is not int:
-        raise UsageError(f"{path} is not the statistics file atdiff train writes; move it away (the next checkpoint "
-                         f"writes a new one, without the wall-clock totals before it)")
+    fix = "move it away (the next checkpoint writes a new one, without the wall-clock totals before it)"
+    stats = read_json_object(path, fix)
+    if type(stats.get("steps", 0)) is not int:
+        raise UsageError(f"{path} holds steps={stats['steps']!r}, not a step count; {fix}")
     return stats
 
 
