@@ -151,6 +151,8 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         (RESUME, edit_checkpoint(bad_rng_structure)),
         (RESUME, link_in_run("logs")),
         (RESUME, link_in_run("samples")),
+        (RESUME, link_in_run("evals")),
+        (RESUME, link_in_run("abandoned")),
     ],
     "sample": [
         (f"{SAMPLE} --steps {BIG}", None),

@@ -66,7 +66,7 @@ def all_finite(tensors) -> bool:
 def test_a_checkpoint_holds_no_pickle_and_a_manifest_of_every_file(straight):
     folder = straight[0] / "checkpoint-6"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["config.yaml", "config_history.json", "ema.safetensors", "manifest.json", "model.safetensors",
+    assert names == ["config.yaml", "config_history.json", "ema.safetensors", "loss_watch.json", "manifest.json", "model.safetensors",
                      "optimizer.safetensors", "progress.json", "rng-0.safetensors", "scheduler.safetensors"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(manifest["files"]) == [n for n in names if n != "manifest.json"] and manifest["step"] == 6

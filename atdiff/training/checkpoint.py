@@ -184,7 +184,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
     acc.wait_for_everyone()
     try:
         write_checkpoint(acc, partial, state, progress, record)
-    except BaseException:  # a disk that filled up gets the space of the half-written checkpoint back now
+    except OSError:  # a full disk gets the half-written checkpoint's space back now (a kill leaves it to the next start)
         if acc.is_main_process:
             remove_temp(partial)
         raise

@@ -183,8 +183,8 @@ def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
     try:
         with os_errors(staging):  # a full disk, as the OSError train() reports
             pipeline.save_pretrained(staging)
-    except BaseException:
-        remove_temp(staging)  # its space back now, not at the next start
+    except OSError:
+        remove_temp(staging)  # a full disk gets its space back now, not at the next start
         raise
     (output_dir / PIPELINE_INDEX).unlink(missing_ok=True)
     replaced = []
