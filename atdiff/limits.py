@@ -15,12 +15,15 @@ import resource
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
 
 FLOAT_BYTES = 4  # activations are float32 (mixed precision halves some of them: still a lower bound's order)
 FILE_BLOCK = 4096  # the smallest space a file takes on common file systems (ext4, xfs, apfs)
@@ -82,6 +85,11 @@ def forward_bytes(model_config: Mapping[str, Any], batch: int) -> int:
     return batch * values * FLOAT_BYTES
 
 
+def model_batch(images: int, guidance_scale: float) -> int:
+    """Inputs per model call when sampling ``images`` at once: guidance calls the model on the conditional and unconditional halves."""
+    return images * (1 if guidance_scale == 1 else 2)
+
+
 def check_forward(what: str, model_config: Mapping[str, Any], batch: int, device: torch.device | str, fix: str) -> None:
     """Refuse a forward pass of ``batch`` inputs (``what``: the input that sets it) that cannot fit in ``device``'s memory."""
     check_memory(what, forward_bytes(model_config, batch), device, fix)
@@ -94,8 +102,8 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def check_training_fits(cfg) -> None:
-    """The forward passes an ``atdiff train`` run of ``cfg`` (an ``ExperimentConfig``) makes, each
+def check_training_fits(cfg: ExperimentConfig) -> None:
+    """The forward passes an ``atdiff train`` run of ``cfg`` makes, each
     against the memory of the device it will train on: a training micro-batch, the sample grid (one
     batch of ``training.num_sample_images``) and, with evals, a sampling batch of ``training.batch_size``."""
     t, model, device = cfg.training, cfg.model.resolved(), default_device()
@@ -103,9 +111,9 @@ def check_training_fits(cfg) -> None:
     micro = max(t.batch_size // (t.gradient_accumulation_steps * processes), 1)
     check_forward(f"training.batch_size={t.batch_size} ({micro} images per forward pass)", model, micro, device,
                   "lower training.batch_size, or raise training.gradient_accumulation_steps")
-    guided = 1 if cfg.sampling.guidance_scale == 1 else 2  # guidance calls the model on both halves
+    guidance = cfg.sampling.guidance_scale
     check_forward(f"training.num_sample_images={t.num_sample_images} (the sample grid is one batch)", model,
-                  t.num_sample_images * guided, device, "lower training.num_sample_images")
+                  model_batch(t.num_sample_images, guidance), device, "lower training.num_sample_images")
     if t.eval_every:
-        check_forward(f"training.batch_size={t.batch_size} (the evals sample in batches of it)", model, t.batch_size * guided,
-                      device, "lower training.batch_size")
+        check_forward(f"training.batch_size={t.batch_size} (the evals sample in batches of it)", model,
+                      model_batch(t.batch_size, guidance), device, "lower training.batch_size")

@@ -32,7 +32,7 @@ from .devices import check_device
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, check_writable, write_atomic
 from .integrity import read_model_index
-from .limits import check_disk, check_forward, check_memory, png_folder_bytes
+from .limits import check_disk, check_forward, check_memory, model_batch, png_folder_bytes
 from .objectives import ObjectiveConfig
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder
@@ -275,8 +275,9 @@ def check_sampling_fits(model_config: Mapping, device: torch.device | str, folde
                         batch_size: int) -> None:
     """Refuse, before any image, a batch whose model call cannot fit in ``device``'s memory and images
     that cannot fit on ``folder``'s disk."""
-    batch = min(batch_size, num_images) * (1 if sampling.guidance_scale == 1 else 2)  # guidance calls the model on both halves
-    check_forward(f"sampling {min(batch_size, num_images)} images per model call", model_config, batch, device, "lower the batch size")
+    images = min(batch_size, num_images)
+    check_forward(f"sampling {images} images per model call", model_config, model_batch(images, sampling.guidance_scale), device,
+                  "lower the batch size")
     missing = num_images - len(png_names(folder))
     check_disk(f"{missing} PNGs", png_folder_bytes(missing), folder, "sample fewer images, or free space")
 
