@@ -18,6 +18,7 @@ FID evals), and so does the sampling-speed probe, so its process figures belong 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -396,6 +398,22 @@ def last_error(log: Path, start: int = 0) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
+def follow(log: Path, start: int, process: subprocess.Popen) -> None:
+    """Copy what ``process`` appends to ``log`` after byte ``start`` to stdout until it ends (``tail -f``)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
+    with open(log, "rb") as reader:
+        reader.seek(start)
+        while True:
+            ended = process.poll() is not None  # before reading: what it wrote last is read after it ended
+            if chunk := reader.read(65536):
+                sys.stdout.write(decoder.decode(chunk))
+                sys.stdout.flush()
+            elif ended:
+                return
+            else:
+                time.sleep(0.2)
+
+
 class ChildProcesses:
     """The trainings compare runs as child processes. A Ctrl-C reaches them already (the terminal signals
     the whole foreground process group), but a SIGTERM (``timeout``, a batch scheduler, ``kill``) reaches
@@ -409,20 +427,17 @@ class ChildProcesses:
 
     def call(self, command: list[str], log: Path | None = None, echo: bool = True, **kwargs) -> int:
         """Run ``command`` to its end; with a ``log``, its output (stdout and stderr) is appended to it
-        and, with ``echo``, copied to this process's stdout as it comes."""
-        output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if log is not None else {}
-        with self.lock:
-            process = subprocess.Popen(command, **output, **kwargs)
-            self.live.add(process)
+        and, with ``echo``, copied to this process's stdout as it comes. The child writes the file itself,
+        not a pipe to compare: killed with compare, it can still say so and save its checkpoint."""
+        start = log.stat().st_size if log is not None and log.exists() else 0
+        with open(log, "ab") if log is not None else contextlib.nullcontext() as file:
+            output = {"stdout": file, "stderr": subprocess.STDOUT} if file is not None else {}
+            with self.lock:
+                process = subprocess.Popen(command, **output, **kwargs)
+                self.live.add(process)
         try:
-            if log is not None:
-                with open(log, "ab") as file:
-                    while chunk := process.stdout.read1(65536):
-                        file.write(chunk)
-                        file.flush()
-                        if echo:
-                            sys.stdout.write(chunk.decode(errors="replace"))
-                            sys.stdout.flush()
+            if log is not None and echo:
+                follow(log, start, process)
             return process.wait()
         finally:
             with self.lock:
