@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .errors import UsageError, os_error_line
+from .processes import end_with_parent
 
 COMMANDS = {
     "info": ("atdiff.info", "build the attention and ATConv models of a config; print parameters and forward time"),
@@ -54,6 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    end_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import json
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -26,10 +25,11 @@ from diffusers.optimization import SchedulerType
 
 from .data import DataConfig
 from .errors import UsageError, one_line
+from .integrity import read_model_index
 from .objectives import ObjectiveConfig, build_objective
 from .pipelines import scheduler_by_name
 from .pipelines.schedulers import prediction_type_of
-from .settings import APPLIED, REFUSED, check_section, setting
+from .settings import APPLIED, REFUSED, SEED_RANGE, check_section, setting
 
 MODEL_TYPES = ("dit", "unet")
 # Trackers Accelerate can log to, plus "none".
@@ -154,12 +154,13 @@ class SamplingConfig:
 
     # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the model's own
     scheduler: str | None = setting(None, on_resume=APPLIED)
-    num_inference_steps: int = setting(50, on_resume=APPLIED, range="[1, inf)")
+    # Model calls per image; the scheduler allocates its timesteps at once. 100000 is 100x DDPM's 1000.
+    num_inference_steps: int = setting(50, on_resume=APPLIED, range="[1, 100000]")
     guidance_scale: float = setting(1.0, on_resume=APPLIED, range="(-inf, inf)")
     # guide only the first N channels (DiT/SiT's 3); null: all
     guidance_channels: int | None = setting(None, on_resume=APPLIED, range="[1, inf)", null="all channels")
-    # image i's noise depends only on (seed, i); torch generators take seeds below 2**64
-    seed: int = setting(0, on_resume=APPLIED, range="[0, 18446744073709551615]")
+    # image i's noise depends only on (seed, i)
+    seed: int = setting(0, on_resume=APPLIED, range=SEED_RANGE)
 
 
 @dataclass
@@ -200,20 +201,30 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
         raise UsageError(f"--config: {str(path)!r} is a folder; pass a YAML file (the configs/ folder holds examples)")
     if not path.is_file():
         raise UsageError(f"--config: no such file {str(path)!r}; the configs/ folder holds examples")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML: {one_line(str(err))}") from err
-    except UnicodeDecodeError:
-        raise UsageError(f"--config {path} is not a UTF-8 text file; pass a YAML config (the configs/ folder holds examples)") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: expected a mapping of sections {list(SECTIONS)}")
+    raw = read_yaml(path, f"a mapping of sections {list(SECTIONS)}")
     for override in overrides:
         apply_override(raw, override)
     cfg = config_from_dict(raw)
     if cfg.training.output_dir is None:
         cfg.training.output_dir = str(Path("outputs") / path.stem)
     return cfg
+
+
+def read_yaml(path: Path, expected: str) -> dict:
+    """A YAML file that must hold a mapping (``expected`` says of what), as a dict (empty for an empty
+    file); anything else is a UsageError naming the file. ``safe_load`` builds no Python objects: a
+    ``!!python/...`` tag is refused as a ``ConstructorError``, one of the YAMLErrors caught here."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {one_line(str(err))}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a UTF-8 text file; expected YAML: {expected}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected {expected}, got a {type(raw).__name__}")
+    return raw
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -304,7 +315,7 @@ def model_config_from_dict(values: Mapping[str, Any]) -> ModelConfig:
     model_type = values.pop("type", "dit")
     if model_type not in MODEL_TYPES:
         raise UsageError(f"model.type: {model_type!r} is not one of {list(MODEL_TYPES)}")
-    size = values.pop("size", None)
+    size = checked_value("model.size", values.pop("size", None), typing.get_type_hints(ModelConfig)["size"])
     init_from = values.pop("init_from", None)
     cfg = ModelConfig(type=model_type, size=size, init_from=init_from, kwargs=values)
     if init_from is not None:
@@ -467,8 +478,7 @@ def check_teacher(cfg: ExperimentConfig, student: dict[str, Any]) -> None:
     for key in ("in_channels", "sample_size", "num_classes", "class_dropout_prob"):
         if key in teacher and teacher[key] != student.get(key):
             raise UsageError(f"objective.distill_from {path}: the teacher's {key} is {teacher[key]}, the student's {student.get(key)}; they must match")
-    index = Path(path, "model_index.json")
-    predicts = json.loads(index.read_text()).get("prediction_type") if index.is_file() else None
+    predicts = read_model_index(Path(path)).get("prediction_type") if Path(path, "model_index.json").is_file() else None
     trains = prediction_type_of(build_objective(cfg.objective).make_scheduler())
     if predicts is not None and predicts != trains:
         raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -49,10 +50,10 @@ def atomic_path(path: Path, shared: bool = False) -> Iterator[Path]:
     remove_temp(partial)
     try:
         yield partial
+        os.replace(partial, path)  # fails too when a folder has the name
     except BaseException:
         remove_temp(partial)
         raise
-    os.replace(partial, path)
 
 
 def remove_temp(partial: Path) -> None:
@@ -67,6 +68,18 @@ def write_atomic(path: Path, text: str, shared: bool = False) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename (``shared``: see ``temp_path``)."""
     with atomic_path(path, shared) as partial:
         partial.write_text(text)
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON file that must hold an object, read as untrusted input (it carries no manifest): anything
+    else is a UsageError naming the file, the problem and ``fix``."""
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not readable JSON ({err}); {fix}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
 
 
 def sha256_of(path: Path) -> str:

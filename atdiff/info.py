@@ -15,7 +15,10 @@ import torch
 from .config import build_model, load_config
 from .devices import check_device
 from .errors import UsageError
+from .limits import check_forward
 from .nn.mixer import TOKEN_MIXERS
+
+MAX_REPEATS = 1000  # a median of more passes says nothing more, and each pass of a big model may take seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +48,12 @@ def forward_seconds(model: torch.nn.Module, batch_size: int, repeats: int, devic
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or args.repeats < 1:
-        raise UsageError("--batch-size and --repeats must be at least 1")
+    if args.batch_size < 1 or not 1 <= args.repeats <= MAX_REPEATS:
+        raise UsageError(f"--batch-size must be at least 1 and --repeats in [1, {MAX_REPEATS}], got {args.batch_size} and {args.repeats}")
     check_device(args.device)
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
+    check_forward(f"--batch-size {args.batch_size}", cfg.model.resolved(), args.batch_size, device, "lower --batch-size")
     name = f"{cfg.model.type} {cfg.model.size or ''}".strip()
     print(f"{args.config}: {name}, batch {args.batch_size}, {device}, median of {args.repeats} forward passes")
     print(f"{'token mixer':<12} {'parameters':>12} {'forward ms':>11} {'images/s':>9}")

@@ -35,7 +35,8 @@ REPA_WHY = "the checkpoint's projector and weights were trained for this alignme
 @dataclass
 class ObjectiveConfig:
     type: ObjectiveName = setting("flow_matching", on_resume=REFUSED, why=OBJECTIVE_WHY)
-    num_train_timesteps: int = setting(1000, on_resume=REFUSED, why=OBJECTIVE_WHY, range="[1, inf)")
+    # The schedulers hold tables of this length: a million (8 MB each) is far past any published model.
+    num_train_timesteps: int = setting(1000, on_resume=REFUSED, why=OBJECTIVE_WHY, range="[1, 1000000]")
     # flow_matching: how sigma is drawn; "uniform" is SiT's, "logit_normal" SD3's
     timestep_sampling: Literal["uniform", "logit_normal"] = setting(
         "uniform", on_resume=REFUSED, why=OBJECTIVE_WHY, applies_if=("type", ("flow_matching",)))

@@ -14,25 +14,29 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from .config import SamplingConfig, section_from_dict
+from .config import SamplingConfig, read_yaml, section_from_dict
 from .devices import check_device
 from .errors import UsageError, one_line, writing_to
 from .files import atomic_path, check_writable, write_atomic
 from .integrity import read_model_index
+from .limits import check_disk, check_forward, check_memory, model_batch, png_folder_bytes
+from .objectives import ObjectiveConfig
 from .pipelines import SCHEDULER_NAMES, ImageDiffusionPipeline, scheduler_by_name
 from .pipelines.trust import check_no_code_from_folder
+from .settings import check_range, check_section, rule_of
 
 SETTINGS_FILE = "atdiff_sample.json"
 RECORD_KEY = "atdiff_sample"  # where a grid (PNG text chunk, JPEG comment) or npz keeps its settings
@@ -72,6 +76,14 @@ def add_sampling_arguments(parser, defaults: str = "the run's config.yaml `sampl
     parser.add_argument("--seed", type=int, help=f"image i's noise depends only on (seed, i) (sampling.seed); default: {defaults}")
 
 
+# How a range error names a field: its value came from the flag or from a config's sampling section.
+FLAG_NAMES = {key: f"--{flag.replace('_', '-')} (sampling.{key})" for flag, key in SAMPLING_FLAGS.items()}
+
+
+def check_sampling(sampling: SamplingConfig) -> None:
+    check_section("sampling", sampling, FLAG_NAMES)
+
+
 def sampling_overrides(args: argparse.Namespace) -> dict:
     """The SamplingConfig fields the user set with sampling flags."""
     return {key: getattr(args, flag) for flag, key in SAMPLING_FLAGS.items() if getattr(args, flag, None) is not None}
@@ -81,10 +93,7 @@ def sampling_for(pipeline_dir: Path, given: SamplingConfig | dict | None = None)
     """How to sample ``pipeline_dir``: ``given`` when complete, else the run's own ``sampling``
     section (its ``config.yaml``, written by ``atdiff train``) with the fields ``given`` sets."""
     sampling = given if isinstance(given, SamplingConfig) else replace(run_sampling_defaults(pipeline_dir), **(given or {}))
-    if sampling.num_inference_steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {sampling.num_inference_steps}")
-    if sampling.seed < 0:
-        raise UsageError(f"--seed must be 0 or more, got {sampling.seed}")
+    check_sampling(sampling)
     return sampling
 
 
@@ -93,7 +102,7 @@ def run_sampling_defaults(pipeline_dir: Path) -> SamplingConfig:
     config = pipeline_dir / "config.yaml"
     if not config.is_file():
         return SamplingConfig()
-    raw = yaml.safe_load(config.read_text()) or {}
+    raw = read_yaml(config, "the config `atdiff train` wrote, a mapping of sections")
     return section_from_dict(SamplingConfig, raw.get("sampling") or {}, f"{config}: sampling")
 
 
@@ -128,6 +137,19 @@ def check_pipeline_dir(path: Path) -> None:
     if class_name != ImageDiffusionPipeline.__name__:
         raise UsageError(f"{path} holds a {class_name}, not an atdiff {ImageDiffusionPipeline.__name__}; pass a folder written by `atdiff train`")
     check_no_code_from_folder(path, ImageDiffusionPipeline)
+    check_scheduler_tables(path / "scheduler" / "scheduler_config.json")
+
+
+def check_scheduler_tables(config: Path) -> None:
+    """A scheduler builds tables of ``num_train_timesteps`` entries as it loads: the objective's range
+    applies (a hand-edited 10^9 would be gigabytes)."""
+    try:
+        steps = json.loads(config.read_text()).get("num_train_timesteps", 1)
+    except (OSError, ValueError, AttributeError):  # no such file, or not a JSON object: loading says so
+        return
+    if type(steps) is not int:
+        raise UsageError(f"{config}: num_train_timesteps must be an integer, got {steps!r}")
+    check_range(f"{config}: num_train_timesteps", steps, rule_of(ObjectiveConfig, "num_train_timesteps"))
 
 
 def output_kind(out: Path) -> str:
@@ -208,7 +230,8 @@ def fill_folder(
     pipe: ImageDiffusionPipeline, folder: Path, record: SampleRecord, num_images: int, batch_size: int, progress: bool = True
 ) -> tuple[int, float]:
     """Sample the images ``0..num_images-1`` that ``folder`` lacks; return (number sampled, seconds)."""
-    missing = [i for i in range(num_images) if not image_path(folder, i).is_file()]
+    present = png_names(folder)  # one listing, not a stat per index: a large --num-images starts at once
+    missing = [i for i in range(num_images) if image_path(folder, i).name not in present]
     if not missing:
         return 0, 0.0
     num_classes = pipe.num_classes
@@ -232,6 +255,31 @@ def fill_folder(
                 save_png_atomically((image * 255).round().astype(np.uint8), image_path(folder, i))
             bar.update(len(indices))
     return len(missing), time.perf_counter() - start
+
+
+def png_names(folder: Path) -> set[str]:
+    return {name for name in os.listdir(folder) if name.endswith(".png")} if folder.is_dir() else set()
+
+
+def image_bytes(pipe: ImageDiffusionPipeline) -> int:
+    """The size of one image ``pipe`` draws, as uint8 pixels (decoded by its VAE, if it has one)."""
+    size = pipe.model.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    scale, channels = 1, pipe.model.config.in_channels
+    if pipe.vae is not None:
+        scale, channels = 2 ** (len(pipe.vae.config.block_out_channels) - 1), pipe.vae.config.out_channels
+    return height * width * scale**2 * channels
+
+
+def check_sampling_fits(model_config: Mapping, device: torch.device | str, folder: Path, sampling: SamplingConfig, num_images: int,
+                        batch_size: int) -> None:
+    """Refuse, before any image, a batch whose model call cannot fit in ``device``'s memory and images
+    that cannot fit on ``folder``'s disk."""
+    images = min(batch_size, num_images)
+    check_forward(f"sampling {images} images per model call", model_config, model_batch(images, sampling.guidance_scale), device,
+                  "lower the batch size")
+    missing = num_images - len(png_names(folder))
+    check_disk(f"{missing} PNGs", png_folder_bytes(missing), folder, "sample fewer images, or free space")
 
 
 def read_images(folder: Path, num_images: int) -> np.ndarray:
@@ -339,6 +387,7 @@ def sample_into_folder(
         copy.deepcopy(pipe.scheduler).set_timesteps(record.sampling.num_inference_steps)
     except ValueError as err:
         raise UsageError(one_line(str(err))) from None
+    check_sampling_fits(pipe.model.config, pipe.device, folder, record.sampling, num_images, batch_size)
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
     with writing_to(folder, OUTPUT_FIX):
         claim_folder(folder, record)
@@ -361,6 +410,9 @@ def run(args: argparse.Namespace) -> int:
     folder = out if kind == "dir" else out.with_name(out.name + ".partial")
 
     pipe = load_pipeline(pipeline_dir, settings.sampling.scheduler, args.device)
+    if kind != "dir":  # assembled in memory: the images, then the grid or the npz's copy of them
+        check_memory(f"--out {out}: {args.num_images} images in one file", 2 * args.num_images * image_bytes(pipe), "cpu",
+                     "write them to a folder (--out DIR)")
     sampled, seconds = sample_into_folder(pipe, folder, settings, args.num_images, args.batch_size)
 
     if kind != "dir":

@@ -22,6 +22,7 @@ APPLIED = "applied"  # takes effect from the resumed step on, as if the config h
 REFUSED = "refused"  # refused with one line: the checkpoint cannot be continued under another value
 
 SET = "set"  # in ``applies_if``: the other key is not null
+SEED_RANGE = "[0, 18446744073709551615]"  # what torch.Generator.manual_seed takes: below 2**64
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,13 @@ def default_of(cls: type, name: str) -> Any:
 # ------------------------------------------------------------------------------------------------
 
 
-def check_section(section: str, values: Any) -> None:
-    """Every declared range and applicability of one section's dataclass instance."""
+def check_section(section: str, values: Any, names: Mapping[str, str] | None = None) -> None:
+    """Every declared range and applicability of one section's dataclass instance. ``names`` (field ->
+    how to name it) names a field set by a flag too, e.g. ``--steps (sampling.num_inference_steps)``."""
     for field in dataclasses.fields(values):
         rule, value = rule_of(type(values), field.name), getattr(values, field.name)
         if rule.range is not None and not (value is None and rule.null):
-            check_range(f"{section}.{field.name}", value, rule)
+            check_range((names or {}).get(field.name, f"{section}.{field.name}"), value, rule)
         if rule.applies_if is not None:
             check_applies(section, values, field.name, rule.applies_if)
 

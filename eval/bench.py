@@ -42,15 +42,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from atdiff.config import section_from_dict
+from atdiff.config import read_yaml, section_from_dict
 from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic
+from atdiff.limits import check_forward, check_memory
 from atdiff.memory import allocation_peak_bytes
 from atdiff.models import DiTModel, dit_size
 from atdiff.nn import ATConv, SelfAttention
+from atdiff.settings import SEED_RANGE, in_interval
 from atdiff.nn.functional import IMPL_FUNCTIONS, auto_conv_impl, per_sample_depthwise_conv2d, per_sample_depthwise_conv2d_shift
 
 STUDIES = ("mixers", "impls", "models")
@@ -637,7 +638,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path, "a mapping of BenchConfig keys")
     values = dict(section_from_dict(BenchConfig, values, "bench").__dict__)
     for f in dataclasses.fields(BenchConfig):
         if getattr(args, f.name, None) is not None:
@@ -668,12 +669,33 @@ def check_config(cfg: BenchConfig) -> None:
     for name in ("threads", "batch", "max_batch_tokens", "model_depth", "model_batch", "model_max_batch_tokens", "max_repeats"):
         if getattr(cfg, name) < (0 if name == "threads" else 1):
             raise UsageError(f"{name} must be at least {0 if name == 'threads' else 1}, got {getattr(cfg, name)}")
-    if cfg.budget_s <= 0 or cfg.max_call_s <= 0:
-        raise UsageError("budget_s and max_call_s must be positive")
+    for name in ("budget_s", "max_call_s"):  # NaN compares false with everything: it would never stop a loop
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise UsageError(f"{name} must be a positive number of seconds, got {getattr(cfg, name)}")
+    if not in_interval(cfg.seed, SEED_RANGE):
+        raise UsageError(f"seed must be in {SEED_RANGE} (torch's generators), got {cfg.seed}")
     try:
         dit_size(cfg.model_size)
     except ValueError as err:
         raise UsageError(f"model_size: {err}") from None
+    check_sizes(cfg)
+
+
+def check_sizes(cfg: BenchConfig) -> None:
+    """The largest inputs of each study must fit in the device's memory (an input of the mixers, a DiT's forward pass)."""
+    device, itemsize = resolve_device(cfg.device), DTYPES[cfg.dtype].itemsize
+    if {"mixers", "impls"} & set(cfg.studies):
+        tokens = max(cfg.tokens, key=lambda n: batch_for(n, cfg.batch, cfg.max_batch_tokens) * n)
+        batch, width = batch_for(tokens, cfg.batch, cfg.max_batch_tokens), max(cfg.widths + cfg.impl_widths)
+        check_memory(f"{batch} x {tokens} tokens of width {width} (tokens, batch, max_batch_tokens)", batch * tokens * width * itemsize,
+                     device, "use fewer tokens or a smaller batch")
+    if "models" in cfg.studies:
+        size = dit_size(cfg.model_size)
+        tokens = max(cfg.model_tokens, key=lambda n: batch_for(n, cfg.model_batch, cfg.model_max_batch_tokens) * n)
+        batch = batch_for(tokens, cfg.model_batch, cfg.model_max_batch_tokens)
+        model = dict(size, in_channels=4, sample_size=math.isqrt(tokens) * size["patch_size"])
+        check_forward(f"a DiT-{cfg.model_size} forward pass of {batch} x {tokens} tokens (model_tokens, model_batch, model_max_batch_tokens)",
+                      model, batch, device, "use fewer tokens or a smaller batch")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,6 +18,7 @@ FID evals), and so does the sampling-speed probe, so its process figures belong 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -35,20 +37,26 @@ from pathlib import Path
 import torch
 
 from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, apply_override, flat_config, load_config, section_from_dict
+from atdiff.devices import check_device
 from atdiff.errors import UsageError
-from atdiff.files import check_writable, write_atomic
-from atdiff.settings import bounds, check_section, rule_of
+from atdiff.files import check_writable, read_json_object, write_atomic
+from atdiff.limits import check_training_fits
+from atdiff.processes import child_environment
+from atdiff.settings import bounds, rule_of
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.sampling import (
     SAMPLING_FLAGS,
     SampleRecord,
     add_sampling_arguments,
+    check_sampling,
+    check_sampling_fits,
     load_pipeline,
     sample_into_folder,
     sampling_overrides,
     use_scheduler,
 )
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
+from atdiff.training.run_dir import read_stats
 
 from .bench import timed
 from .compare_report import write_report
@@ -153,11 +161,17 @@ def settings_from_args(args: argparse.Namespace) -> tuple[CompareSettings, Prese
     preset = replace(preset, **{k: v for k, v in (("num_images", args.num_images), ("num_real", args.num_real),
                                                   ("step_images", args.step_images), ("batch_size", args.batch_size)) if v is not None})
     check_compare_keys(overrides)
+    check_device(args.device)
     flags = sampling_overrides(args)
     sampling = replace(preset.sampling, **{**sampling_keys(overrides, flags), **flags})
-    check_section("sampling", sampling)
+    check_sampling(sampling)
     out = Path(args.out)
     entries = [resolve_entry(src, out, [*preset.train_overrides, *overrides], seeds) for src in sources]
+    for entry in entries:  # what training and the sampling after it will need, known now
+        if entry.trained_here:
+            check_training_fits(entry.cfg)
+        for run in entry.runs:
+            check_sampling_fits(entry.cfg.model.resolved(), args.device, run.results / "samples", sampling, preset.num_images, preset.batch_size)
     overrides = [o for o in overrides if not o.strip().startswith("sampling.")]  # they are in `sampling` now
     check_overrides_apply(entries, overrides)
     names = [e.name for e in entries]
@@ -307,7 +321,7 @@ def claim_comparison(out: Path, settings: CompareSettings) -> None:
     """Resume only with the same settings, so one report never mixes numbers of two set-ups."""
     record = out / "compare.json"
     if record.is_file():
-        previous = json.loads(record.read_text())["settings"]
+        previous = read_json_object(record, "it is compare's record of this folder: restore it, or use another --out").get("settings")
         if previous != json.loads(json.dumps(asdict(settings))):
             changed = [k for k, v in asdict(settings).items() if previous.get(k) != v]
             raise UsageError(f"{out} holds a comparison with other settings ({', '.join(changed)}); use another --out")
@@ -327,7 +341,7 @@ def claim_comparison(out: Path, settings: CompareSettings) -> None:
 def stored(path: Path, compute) -> dict:
     """A stage's result: read if a previous run finished it, else computed and stored atomically."""
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json_object(path, "delete it, and this stage is computed again")
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(result, indent=2) + "\n")
@@ -348,45 +362,82 @@ def train_runs(entries: list[Entry], overrides: list[str], jobs: int) -> None:
     pending = [(e, r) for e in entries if e.trained_here for r in e.runs if not (r.run_dir / "model_index.json").is_file()]
     if not pending:
         return
-    env = thread_environment(jobs)
+    env = child_environment(thread_environment(jobs))
     children = ChildProcesses()
     with children.forwarding_sigterm(), ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1, children), pending))
-    failed = [f"{entry.name} seed {run.seed} (exit code {code})" for (entry, run), code in zip(pending, codes) if code]
+        failures = list(pool.map(lambda job: train_run(*job, overrides, env, jobs > 1, children), pending))
+    failed = [f"{entry.name} seed {run.seed} ({failure})" for (entry, run), failure in zip(pending, failures) if failure]
     if failed:
-        raise UsageError(f"training stopped: {', '.join(failed)}; rerun the same compare command to resume")
+        raise UsageError(f"training stopped: {'; '.join(failed)}; see train.log in each run's comparison folder, "
+                         f"then rerun the same compare command to resume")
 
 
-def train_run(entry: Entry, run: Run, overrides: list[str], env: dict | None, to_log: bool, children: ChildProcesses) -> int:
+def train_run(entry: Entry, run: Run, overrides: list[str], env: dict, parallel: bool, children: ChildProcesses) -> str | None:
+    """One ``atdiff train`` child, its output appended to ``train.log`` (and, when it runs alone, shown
+    live); None when it succeeded, else its exit code and last error line."""
     command = [sys.executable, "-m", "atdiff", "train", "--config", str(entry.source), "--resume", "latest", *overrides,
                f"training.seed={run.seed}", f"training.output_dir={json.dumps(str(run.run_dir))}"]
-    if not to_log:
-        print(f"[{entry.name} seed {run.seed}] training: {shlex.join(command[2:])}", flush=True)
-        return children.call(command, env=env)
-    # Parallel runs would interleave their progress bars: each writes its own log.
     log = run.results / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{entry.name} seed {run.seed}] training, log in {log}", flush=True)
-    with open(log, "a") as stream:
-        code = children.call(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
-    print(f"[{entry.name} seed {run.seed}] training {'done' if code == 0 else f'stopped (exit code {code})'}", flush=True)
-    return code
+    start = log.stat().st_size if log.exists() else 0  # the log keeps earlier attempts: read only this one
+    # Parallel runs would interleave their progress bars: those only write their logs.
+    print(f"[{entry.name} seed {run.seed}] training, log in {log}" + ("" if parallel else f": {shlex.join(command[2:])}"), flush=True)
+    code = children.call(command, log, echo=not parallel, env=env)
+    if parallel:
+        print(f"[{entry.name} seed {run.seed}] training {'done' if code == 0 else f'stopped (exit code {code})'}", flush=True)
+    return f"exit code {code}: {last_error(log, start)}" if code else None
+
+
+def last_error(log: Path, start: int = 0) -> str:
+    """What a failed child said last in ``log`` after byte ``start``: its ``atdiff ...: error:`` line, else
+    its last line (a traceback's exception). Progress bars redraw with carriage returns: those end lines too."""
+    with open(log, "rb") as file:
+        file.seek(max(file.seek(0, os.SEEK_END) - 65536, start))
+        lines = [line.strip() for line in file.read().decode(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("atdiff ") and ": error: " in line]
+    return (errors or lines or ["no output"])[-1]
+
+
+def follow(log: Path, start: int, process: subprocess.Popen) -> None:
+    """Copy what ``process`` appends to ``log`` after byte ``start`` to stdout until it ends (``tail -f``)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
+    with open(log, "rb") as reader:
+        reader.seek(start)
+        while True:
+            ended = process.poll() is not None  # before reading: what it wrote last is read after it ended
+            if chunk := reader.read(65536):
+                sys.stdout.write(decoder.decode(chunk))
+                sys.stdout.flush()
+            elif ended:
+                return
+            else:
+                time.sleep(0.2)
 
 
 class ChildProcesses:
     """The trainings compare runs as child processes. A Ctrl-C reaches them already (the terminal signals
     the whole foreground process group), but a SIGTERM (``timeout``, a batch scheduler, ``kill``) reaches
-    compare alone, and by default Python dies at once and leaves them training on as orphans."""
+    compare alone, and by default Python dies at once and leaves them training on as orphans: it is
+    passed on (``forwarding_sigterm``). A SIGKILL cannot be caught: children started with
+    ``atdiff.processes.child_environment`` get SIGTERM from the kernel when compare dies."""
 
     def __init__(self):
         self.live: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
 
-    def call(self, command: list[str], **kwargs) -> int:
-        with self.lock:
-            process = subprocess.Popen(command, **kwargs)
-            self.live.add(process)
+    def call(self, command: list[str], log: Path | None = None, echo: bool = True, **kwargs) -> int:
+        """Run ``command`` to its end; with a ``log``, its output (stdout and stderr) is appended to it
+        and, with ``echo``, copied to this process's stdout as it comes. The child writes the file itself,
+        not a pipe to compare: killed with compare, it can still say so and save its checkpoint."""
+        start = log.stat().st_size if log is not None and log.exists() else 0
+        with open(log, "ab") if log is not None else contextlib.nullcontext() as file:
+            output = {"stdout": file, "stderr": subprocess.STDOUT} if file is not None else {}
+            with self.lock:
+                process = subprocess.Popen(command, **output, **kwargs)
+                self.live.add(process)
         try:
+            if log is not None and echo:
+                follow(log, start, process)
             return process.wait()
         finally:
             with self.lock:
@@ -460,8 +511,7 @@ def fid_by_step(entry: Entry, run: Run, settings: CompareSettings, batch_size: i
 def evals_from_training(run_dir: Path, settings: CompareSettings) -> list[dict] | None:
     """The FIDs the run computed during training (``training_stats.json``), if made with the
     comparison's sample count, reference set and sampling settings (and KID when it wants KID)."""
-    stats_file = run_dir / "training_stats.json"
-    evals = json.loads(stats_file.read_text()).get("evals") if stats_file.is_file() else None
+    evals = read_stats(run_dir).get("evals")
     wanted = {"num_fake": settings.step_images, "num_real_asked": settings.num_real, "sampling": asdict(settings.sampling)}
     if not evals or any({k: e.get(k) for k in wanted} != wanted or (settings.kid and "kid_mean" not in e) for e in evals):
         return None
@@ -517,8 +567,7 @@ def evaluate_entry(entry: Entry, settings: CompareSettings, preset: Preset, devi
     for run in entry.runs:
         fid = final_fid(entry, run, settings, preset.batch_size, device)
         steps = fid_by_step(entry, run, settings, preset.batch_size, device)
-        stats_file = run.run_dir / "training_stats.json"
-        training = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+        training = read_stats(run.run_dir)
         runs[str(run.seed)] = {"run_dir": str(run.run_dir), "fid": fid, "fid_by_step": steps, "training": training}
         print(f"[{entry.name} seed {run.seed}] FID {fid['fid']:.2f}", flush=True)
     # Sampling cost depends on the architecture, not on the trained weights: measured once per entry.

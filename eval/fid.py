@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 import zipfile
@@ -53,6 +54,7 @@ from atdiff.sampling import (
     SETTINGS_FILE,
     SampleRecord,
     add_sampling_arguments,
+    check_sampling_fits,
     image_path,
     sample_into_folder,
     sampling_for,
@@ -298,6 +300,23 @@ def samples_folder_name(sampling: SamplingConfig) -> str:
     return name + (f"-gch{s.guidance_channels}" if s.guidance_channels is not None else "")
 
 
+def check_pipeline_side(source, num: int | None, *, sampling: SamplingConfig | dict | None, sample_batch_size: int, device: str) -> None:
+    """What sampling ``num`` images from ``source`` will need, when it is a pipeline folder: its sampling
+    settings, memory for a batch and disk for the images (the folder's own model config says the sizes)."""
+    if not isinstance(source, (str, os.PathLike)) or num is None:
+        return
+    kind, text = source_kind(str(source))
+    path = Path(text)
+    if kind != "pipeline" or not (path / "model" / "config.json").is_file():
+        return  # resolve_source says what is wrong with it
+    try:
+        model = json.loads((path / "model" / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # loading the pipeline names the damaged file
+    settings = sampling_for(path, sampling)
+    check_sampling_fits(model, device, path / FID_SAMPLES_DIR / samples_folder_name(settings), settings, num, sample_batch_size)
+
+
 def _pipeline_images(pipeline_dir: Path, num: int | None, sampling: SamplingConfig, batch_size: int, device: str) -> ImageSet:
     if num is None or num < 1:
         raise UsageError(
@@ -360,6 +379,8 @@ def compute_metrics(
     )
     sample_on = device or ("cuda" if extraction.cuda else "cpu")
     pipelines = dict(sampling=sampling, sample_batch_size=sample_batch_size, device=sample_on)
+    for source, num in ((real, num_real), (fake, num_fake)):  # both sides, before either is sampled
+        check_pipeline_side(source, num, **pipelines)
     real_side = resolve_source(real, num_real, **pipelines)
     fake_side = resolve_source(fake, num_fake, **pipelines)
     _refuse_metrics_of_statistics(real_side, fake_side, kid=kid, prc=prc, isc=isc)

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from atdiff.config import ExperimentConfig
-from atdiff.files import remove_temp, temp_path, write_atomic
+from atdiff.files import read_json_object, remove_temp, temp_path, write_atomic
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.sampling import SampleRecord, sample_into_folder, use_scheduler
 
@@ -29,6 +29,7 @@ from .fid import compute_metrics, dataset_spec
 from .inception import resolve_inception_weights
 
 EVAL_FILE = re.compile(r"step-(\d+)\.json")
+EVAL_FIX = "delete it, and the eval of that step is computed again"
 
 
 class TrainingEvaluator:
@@ -41,7 +42,7 @@ class TrainingEvaluator:
         """FID/KID of ``pipeline`` at ``step`` (read back if this step was already scored)."""
         result_file = self.folder / f"step-{step}.json"
         if result_file.is_file():
-            return json.loads(result_file.read_text())
+            return read_json_object(result_file, EVAL_FIX)
         t, sampling = self.cfg.training, self.cfg.sampling
         samples = temp_path(self.folder / f"step-{step}.samples")  # resumable; removed once scored
         record = SampleRecord(f"{t.output_dir} (EMA weights at step {step})", sampling)
@@ -60,4 +61,4 @@ class TrainingEvaluator:
         if not self.folder.is_dir():
             return []
         found = sorted((int(m.group(1)), p) for p in self.folder.iterdir() if (m := EVAL_FILE.fullmatch(p.name)))
-        return [json.loads(p.read_text()) for step, p in found if step <= up_to]
+        return [read_json_object(p, EVAL_FIX) for step, p in found if step <= up_to]

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from atdiff.integrity import PIPELINE_MODULE, check_pipeline_folder, write_pipeline_manifest
 
-from .schedulers import check_scheduler_fits, prediction_type_of
+from .schedulers import PREDICTION_TYPES, check_scheduler_fits, prediction_type_of
 from .trust import check_no_code_from_folder
 
 # diffusers resolves a plain `_class_name` in model_index.json only among its own classes, so a folder
@@ -87,6 +87,8 @@ class ImageDiffusionPipeline(DiffusionPipeline):
         prediction_type: str | None = None,
     ):
         super().__init__()
+        if prediction_type is not None and prediction_type not in PREDICTION_TYPES:  # model_index.json is text anyone can edit
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         self.register_modules(model=model, scheduler=scheduler, vae=vae)
         self.register_to_config(prediction_type=prediction_type or prediction_type_of(scheduler))
         # Outputs live in [-1, 1]; the processor maps them to [0, 1] and to pil/np/pt.

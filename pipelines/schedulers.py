@@ -25,6 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .flow_samplers import FlowMatchDopri5Scheduler, FlowMatchEulerMaruyamaScheduler
 
 FLOW_PREDICTION = "flow_prediction"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", FLOW_PREDICTION)  # what a model may be trained to predict
 
 
 def _flow_dpm_solver(config: dict[str, Any]) -> SchedulerMixin:

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+import safetensors.torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -549,11 +550,34 @@ def test_disk_full_while_saving_keeps_the_last_checkpoint(straight, tmp_path, mo
     line = one_line_error(capsys)
     assert f"cannot write to training.output_dir {out} ({out}/.atdiff-tmp-checkpoint-6/model.safetensors: No space left on device); free some space" in line
     assert [step for step, _ in list_checkpoints(out)] == [3]
+    assert not list(out.glob(".atdiff-tmp-*"))  # the half-written checkpoint's space is back at once
     verify(out / "checkpoint-3")
 
     monkeypatch.undo()  # space freed
     assert main(["train", "--config", str(config), "--resume", "latest"]) == 0
     assert_same_run(straight[0], out)
+
+
+def test_disk_full_while_writing_the_final_pipeline_says_the_checkpoint_is_fine(straight, tmp_path, monkeypatch, capsys):
+    out = copy_run(straight[0], tmp_path)
+    for name in ("model_index.json", "manifest.json", "pipeline.py", "model", "scheduler"):  # as if training just ended
+        run_dir.remove_temp(out / name)
+    save_file = safetensors.torch.save_file
+
+    def full(tensors, filename, **kwargs):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{filename}"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    config = out / "config.yaml"
+    assert main(["train", "--config", str(config), "--output-dir", str(out), "--resume", "latest"]) == 2
+    line = one_line_error(capsys)
+    assert "No space left on device); free some space, then continue with --resume latest (the checkpoints saved so far are complete)" in line
+    assert not list(out.glob(".atdiff-tmp-*")) and not (out / "model_index.json").exists()
+    verify(out / "checkpoint-6")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)  # space freed
+    assert main(["train", "--config", str(config), "--output-dir", str(out), "--resume", "latest"]) == 0
+    assert verify_pipeline(out)
 
 
 # ------------------------------------------------------------------------------------------------

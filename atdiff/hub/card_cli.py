@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import UsageError
+
 from ..files import write_atomic
 from .card import model_card, read_run
 from .push import check_repo_id
@@ -21,8 +23,10 @@ def run(args: argparse.Namespace) -> int:
     if args.repo_id is not None:
         check_repo_id(args.repo_id)
     folder = Path(args.run)
-    card = model_card(read_run(folder), args.repo_id, args.license)
     out = Path(args.out) if args.out else folder / "README.md"
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the card's file, e.g. {out / 'README.md'}")
+    card = model_card(read_run(folder), args.repo_id, args.license)
     write_atomic(out, str(card))
     print(f"wrote {out}")
     return 0

@@ -8,7 +8,6 @@ does), the kernel generator fresh. Fine-tuning (or distillation) then teaches th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import UsageError
+from ..files import read_json_object
 from ..integrity import check_pipeline_folder, check_weight_files
 from ..nn import ATConv, SelfAttention
 
@@ -43,8 +43,12 @@ def pretrained_model_dir(path: str | Path) -> Path:
     )
 
 
+def model_config_json(path: str | Path) -> dict:
+    return read_json_object(pretrained_model_dir(path) / "config.json", "pass a folder written by atdiff train or save_pretrained")
+
+
 def pretrained_class_name(path: str | Path) -> str:
-    name = json.loads((pretrained_model_dir(path) / "config.json").read_text()).get("_class_name")
+    name = model_config_json(path).get("_class_name")
     if name not in PRETRAINED_CLASSES:
         raise UsageError(f"{path} holds a {name}; model.init_from and objective.distill_from take {', '.join(PRETRAINED_CLASSES)}")
     return name
@@ -52,7 +56,7 @@ def pretrained_class_name(path: str | Path) -> str:
 
 def pretrained_config(path: str | Path) -> dict:
     """The constructor arguments of the pretrained model (a stock ``UNet2DModel`` has attention only)."""
-    config = json.loads((pretrained_model_dir(path) / "config.json").read_text())
+    config = model_config_json(path)
     if pretrained_class_name(path) == "UNet2DModel":
         config["token_mixer"] = "attention"
     return {k: v for k, v in config.items() if not k.startswith("_")}

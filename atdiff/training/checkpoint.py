@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from ..config import load_config, new_model
@@ -166,8 +167,9 @@ def read_progress(checkpoint: Path) -> Progress:
     except (OSError, ValueError, TypeError) as err:
         raise IntegrityError(f"{PROGRESS} is not a progress record ({err})") from None
     counts = asdict(progress).values()
-    if progress.step != checkpoint_step(checkpoint) or not all(type(n) is int and n >= 0 for n in counts):
-        raise IntegrityError(f"{PROGRESS} holds {recorded}, not non-negative counts at step {checkpoint_step(checkpoint)}")
+    # int64 bounds them: the data position seeds the sampler's generator and counts in tensors.
+    if progress.step != checkpoint_step(checkpoint) or not all(type(n) is int and 0 <= n < 2**63 for n in counts):
+        raise IntegrityError(f"{PROGRESS} holds {recorded}, not counts in [0, 2**63) at step {checkpoint_step(checkpoint)}")
     return progress
 
 
@@ -188,6 +190,27 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
         remove_temp(partial)
         partial.mkdir()
     acc.wait_for_everyone()
+    try:
+        write_checkpoint(acc, partial, state, progress, record)
+    except OSError:  # a full disk gets the half-written checkpoint's space back now (a kill leaves it to the next start)
+        if acc.is_main_process:
+            remove_temp(partial)
+        raise
+    if acc.is_main_process:
+        if final.exists():  # left by another line of this run; never silently replaced
+            move_aside(final)
+        os.replace(partial, final)
+        # A linked checkpoint folder is someone else's: atdiff counts and deletes only those it wrote.
+        written = [path for _, path in list_checkpoints(output_dir) if not path.is_symlink()]
+        for old in written[:-keep] if keep else []:
+            if old != protect:
+                shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final
+
+
+def write_checkpoint(acc: Accelerator, partial: Path, state: TrainingState, progress: Progress, record: dict[str, str]) -> None:
+    """Fill the temporary checkpoint folder ``partial``, its manifest last."""
     if acc.is_main_process:
         with os_errors(partial / "model.safetensors"):
             save_model(state.network, str(partial / "model.safetensors"))
@@ -205,16 +228,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_checkpoint_manifest(partial, progress.step)
-        if final.exists():  # left by another line of this run; never silently replaced
-            move_aside(final)
-        os.replace(partial, final)
-        # A linked checkpoint folder is someone else's: atdiff counts and deletes only those it wrote.
-        written = [path for _, path in list_checkpoints(output_dir) if not path.is_symlink()]
-        for old in written[:-keep] if keep else []:
-            if old != protect:
-                shutil.rmtree(old)
-    acc.wait_for_everyone()
-    return final
 
 
 def write_checkpoint_manifest(folder: Path, step: int) -> None:
@@ -253,6 +266,8 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
     """Restore ``state`` and this process's RNGs from a verified checkpoint. (Accelerate's own
     micro-step counter needs no restoring: checkpoints fall on optimizer steps, where it is 0 modulo
     the accumulation steps, the only thing it is used for.)"""
+    # A checkpoint verifies when its files are the ones its manifest lists, which anyone can rewrite:
+    # what they hold is read as untrusted input (a pickle named .safetensors is a SafetensorError).
     try:
         load_model(state.network, str(checkpoint / "model.safetensors"))
         if state.objective_module is not None:  # the objective keys are refused on resume: a checkpoint of this run has it
@@ -262,16 +277,22 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
         state.lr_scheduler.load_state_dict(load_tree(checkpoint / "scheduler.safetensors"))
         if state.scaler is not None and (checkpoint / "scaler.safetensors").is_file():
             state.scaler.load_state_dict(load_tree(checkpoint / "scaler.safetensors"))
-    except (RuntimeError, ValueError, KeyError, TypeError, FileNotFoundError) as err:  # verified, so a model or optimizer that differs
-        first_line = str(err).strip().splitlines()[0]
-        raise UsageError(f"--resume {checkpoint}: does not fit this model and optimizer ({first_line})") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, FileNotFoundError, SafetensorError) as err:  # verified, so a model or optimizer that differs
+        raise UsageError(f"--resume {checkpoint}: does not fit this model and optimizer ({first_line(err)})") from None
     progress = read_progress(checkpoint)
     rng_file = checkpoint / f"rng-{accelerator.process_index}.safetensors"
     if rng_file.is_file():
-        set_rng_states(load_tree(rng_file))
+        try:
+            set_rng_states(load_tree(rng_file))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, SafetensorError) as err:
+            raise UsageError(f"--resume {checkpoint}: {rng_file.name} does not hold the RNG states atdiff saves ({first_line(err)})") from None
     else:  # resumed on more processes than saved it: the new ones keep their fresh seeds
         print(f"{checkpoint} has no RNG state for process {accelerator.process_index}; it keeps its seed", file=sys.stderr)
     return progress
+
+
+def first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 # ------------------------------------------------------------------------------------------------

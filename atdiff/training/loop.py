@@ -46,6 +46,7 @@ from ..devices import launched_without_gpu
 from ..errors import UsageError
 from ..files import atomic_path, write_atomic
 from ..latents import check_model_fits
+from ..limits import check_training_fits
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import Objective, build_objective
 from ..pipelines import ImageDiffusionPipeline, NonFiniteSamples, num_classes_of
@@ -59,6 +60,7 @@ from .run_dir import (
     is_output_dir_error,
     output_dir_error,
     prepare_output_dir,
+    read_stats,
     run_lock,
     save_pipeline,
 )
@@ -112,6 +114,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         checkpoint_folder(resume, output_dir)  # a mistyped path is refused before the folder is created
     refuse_sharded_training()
     check_tracker_installed(cfg.training.log_with)
+    check_training_fits(cfg)
     objective = build_objective(cfg.objective)
     objective.load()  # e.g. REPA's encoder: one that does not load stops here, before the run folder is touched
     data = load_training_data(cfg.data, with_images=objective.needs_pixels)  # before any work: a latent config may lack its store
@@ -279,8 +282,7 @@ def describe_changes(changed: dict) -> str:
 def previous_wall_clock(output_dir: Path, step: int) -> dict | None:
     """The run's wall-clock totals up to ``step``, from ``training_stats.json`` (written with each
     checkpoint) when it belongs to the checkpoint resumed from."""
-    stats_file = output_dir / STATS
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    stats = read_stats(output_dir)
     return stats.get("wall_clock") if stats.get("steps") == step else None
 
 

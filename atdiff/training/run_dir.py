@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import fcntl
 import os
 import stat
@@ -19,15 +18,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UsageError, os_error_line
-from ..files import TEMP_PREFIX, remove_temp, temp_path, write_atomic
+from ..files import TEMP_PREFIX, read_json_object, remove_temp, temp_path, write_atomic
 from ..integrity import MANIFEST, PIPELINE_INDEX, PIPELINE_MODULE, pipeline_components
 from ..pipelines import ImageDiffusionPipeline
-from .checkpoint import list_checkpoints
+from .checkpoint import ABANDONED, list_checkpoints
+from .tensor_tree import os_errors
 
 LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
 STATS = "training_stats.json"
 # Errors that mean "the output folder cannot take our files", whichever file hit them.
 FULL = (errno.ENOSPC, errno.EDQUOT)
+# The folders atdiff train writes into inside a run (tracker logs, sample grids, evals, checkpoints
+# moved aside): a link there would take its writes out of the run folder.
+SUBFOLDERS = ("logs", "samples", "evals", ABANDONED)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,6 +48,10 @@ def check_output_dir(output_dir: Path, resume: str | None) -> None:
             f"{output_dir} is not empty and holds no atdiff run (no {LOCK_NAME}); atdiff writes only into "
             f"new or empty folders: pass another --output-dir"
         )
+    for name in SUBFOLDERS:
+        if (output_dir / name).is_symlink():
+            raise UsageError(f"{output_dir / name} is a symbolic link; atdiff train writes only into its run folder's own "
+                             f"folders: replace the link with a folder, or pass another --output-dir")
     if resume is None:
         taken = [p.name for p in (output_dir / PIPELINE_INDEX, *(p for _, p in list_checkpoints(output_dir))) if p.exists()]
         if taken:
@@ -110,7 +117,8 @@ def remove_unused_run_dir(output_dir: Path) -> None:
 
 
 def output_dir_error(output_dir: Path, err: OSError) -> UsageError:
-    fix = "free some space, then continue with --resume latest" if err.errno in FULL else "pass a writable --output-dir"
+    fix = ("free some space, then continue with --resume latest (the checkpoints saved so far are complete)"
+           if err.errno in FULL else "pass a writable --output-dir")
     return UsageError(f"cannot write to training.output_dir {output_dir} ({os_error_line(err)}); {fix}")
 
 
@@ -131,16 +139,25 @@ def prepare_output_dir(output_dir: Path, record: dict[str, str]) -> None:
         write_atomic(output_dir / name, text)
 
 
+def read_stats(run_dir: Path) -> dict:
+    """``training_stats.json`` ({} when there is none yet). It carries no manifest (it is rewritten with
+    each checkpoint), so it is read as any input: anything but a JSON object with a step count is one line."""
+    path = run_dir / STATS
+    if not path.is_file():
+        return {}
+    fix = "move it away (the next checkpoint writes a new one, without the wall-clock totals before it)"
+    stats = read_json_object(path, fix)
+    if type(stats.get("steps", 0)) is not int:
+        raise UsageError(f"{path} holds steps={stats['steps']!r}, not a step count; {fix}")
+    return stats
+
+
 def later_run_outputs(output_dir: Path, step: int) -> list[Path]:
     """What the run left at the top of its folder after ``step``: ``training_stats.json`` and the final
     pipeline (its manifest, ``model_index.json``, ``pipeline.py`` and the components it names), when
     the stats are of a later step."""
     stats = output_dir / STATS
-    try:
-        later = json.loads(stats.read_text()).get("steps", 0) > step
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-    if not later:
+    if read_stats(output_dir).get("steps", 0) <= step:
         return []
     try:
         components = pipeline_components(output_dir) if (output_dir / PIPELINE_INDEX).is_file() else []
@@ -163,7 +180,12 @@ def save_pipeline(output_dir: Path, pipeline: ImageDiffusionPipeline) -> None:
     same pipeline, and verifies (a folder without one is no pipeline yet)."""
     staging = temp_path(output_dir / "pipeline")
     remove_temp(staging)
-    pipeline.save_pretrained(staging)
+    try:
+        with os_errors(staging):  # a full disk, as the OSError train() reports
+            pipeline.save_pretrained(staging)
+    except OSError:
+        remove_temp(staging)  # a full disk gets its space back now, not at the next start
+        raise
     (output_dir / PIPELINE_INDEX).unlink(missing_ok=True)
     replaced = []
     for entry in staging.iterdir():

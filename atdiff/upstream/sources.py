@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..files import read_json_object
 from ..integrity import verify_pipeline
 from .loading import load_checkpoint_file
 from .keymap import DIFFUSERS_SIGNATURE, TIMM_SIGNATURE, Weights
@@ -19,6 +19,7 @@ from .keymap import DIFFUSERS_SIGNATURE, TIMM_SIGNATURE, Weights
 TRAIN_CHECKPOINT_KEYS = ("model", "ema", "opt", "args")
 WEIGHT_CHOICES = ("ema", "model")
 DIFFUSERS_TRANSFORMER_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+FOLDER_FIX = "pass a diffusers DiTPipeline or DiTTransformer2DModel folder as save_pretrained wrote it"
 
 
 @dataclass
@@ -87,7 +88,7 @@ def read_diffusers_folder(path: Path) -> Source:
     pipeline = (path / "model_index.json").is_file() and (path / "transformer").is_dir()
     transformer_dir = path / "transformer" if pipeline else path
     config_file = transformer_dir / "config.json"
-    class_name = json.loads(config_file.read_text()).get("_class_name") if config_file.is_file() else None
+    class_name = read_json_object(config_file, FOLDER_FIX).get("_class_name") if config_file.is_file() else None
     if class_name not in DIFFUSERS_TRANSFORMER_CLASSES:
         raise UsageError(
             f"{path} is a folder but not a diffusers DiTPipeline (model_index.json and transformer/) or "
@@ -103,6 +104,6 @@ def read_diffusers_folder(path: Path) -> Source:
         "diffusers",
         transformer.state_dict(),
         diffusers_config=dict(transformer.config),
-        scheduler_config=json.loads(scheduler_file.read_text()) if pipeline and scheduler_file.is_file() else None,
+        scheduler_config=read_json_object(scheduler_file, FOLDER_FIX) if pipeline and scheduler_file.is_file() else None,
         vae_dir=path / "vae" if pipeline and (path / "vae" / "config.json").is_file() else None,
     )
