@@ -33,20 +33,19 @@ import torch
 from atdiff.files import write_atomic
 from atdiff.memory import model_peak_memory, module_tensors
 from atdiff.models import DiTModel, dit_size
-from atdiff.objectives import Objective
+from atdiff.objectives import FlowMatchingObjective
 
 VARIANTS = ("plain", "checkpointing", "compile", "repa")
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=32)
 
 
-class FixedInputs(Objective):
-    """The plain step's regression as an objective, so that REPA wraps exactly what ``plain`` times."""
+class FixedInputs(FlowMatchingObjective):
+    """Flow matching on fixed noisy inputs, times and targets, so that every variant (and REPA, which
+    wraps it) times exactly the same regression."""
 
     def __init__(self, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor):
+        super().__init__()
         self.inputs = x_t, t, target
-
-    def make_scheduler(self):
-        raise NotImplementedError("only trained here")
 
     def training_inputs(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.inputs
@@ -74,7 +73,7 @@ def make_step(size: str, mixer: str, latent: int, batch: int, variant: str, seed
     if variant == "repa":
         from accelerate import Accelerator
 
-        from atdiff.repa import RepresentationAlignment
+        from atdiff.objectives.repa import RepresentationAlignment
 
         objective = RepresentationAlignment(regression, encoder, depth=min(8, model.config.depth))
         objective.prepare(Accelerator(cpu=True), model)

@@ -352,7 +352,7 @@ def test_train_refuses_a_model_that_does_not_take_the_latents(tmp_path, store):
 
 
 def test_repa_on_latents_shows_the_encoder_the_image_each_latent_came_from(tmp_path, store, monkeypatch):
-    from atdiff.repa import RepresentationAlignment
+    from atdiff.objectives.repa import RepresentationAlignment
     from atdiff.training import train
     from test_repa import tiny_encoder
 

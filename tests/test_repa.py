@@ -1,4 +1,4 @@
-"""REPA (atdiff.repa) with a tiny randomly initialised DINOv2 (a transformers config, nothing
+"""REPA (atdiff.objectives.repa) with a tiny randomly initialised DINOv2 (a transformers config, nothing
 downloaded): the loss against a hand computation, training and exact resume with the projector in
 the checkpoint and not in the pipeline, and the bad inputs refused before anything is written."""
 
@@ -22,7 +22,7 @@ from atdiff.cli import main
 from atdiff.config import config_from_dict
 from atdiff.errors import UsageError
 from atdiff.objectives import FlowMatchingObjective, ObjectiveConfig, build_objective
-from atdiff.repa import RepresentationAlignment, alignment_loss, encoder_input
+from atdiff.objectives.repa import RepresentationAlignment, alignment_loss, encoder_input
 from atdiff.training import train
 from test_training import TINY, assert_same_run, assert_same_weights, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
@@ -260,7 +260,7 @@ def test_an_encoder_without_safetensors_is_refused(tmp_path, capsys, encoder_dir
 
 
 def test_a_missing_or_damaged_encoder_is_one_usage_error(tmp_path, encoder_dir):
-    from atdiff.repa import load_encoder
+    from atdiff.objectives.repa import load_encoder
 
     with pytest.raises(UsageError, match=f"objective.repa_encoder: no such folder {tmp_path / 'nothing'}; pass a folder"):
         load_encoder(tmp_path / "nothing")
@@ -305,7 +305,7 @@ import sys
 from accelerate.state import PartialState
 from safetensors.torch import save_model
 from atdiff.config import load_config
-from atdiff.repa import RepresentationAlignment
+from atdiff.objectives.repa import RepresentationAlignment
 from atdiff.training import train
 
 objectives, prepare = [], RepresentationAlignment.prepare

@@ -1,4 +1,4 @@
-"""Training objectives, kept apart from the network and the loop.
+"""The objectives themselves: their config, the ``Objective`` interface, flow matching, DDPM and distillation.
 
 An objective turns (model, clean images, labels) into a scalar loss and makes the diffusers
 scheduler that samples from what it trained. The model is called as
@@ -8,7 +8,7 @@ the loss, and the schedulers use fixed variances.
 
 Every objective is an ``Objective``: it draws its noisy inputs, timesteps and regression targets in
 ``training_inputs``; ``DistillationObjective`` reuses them to make a student match a frozen teacher,
-and ``atdiff.repa.RepresentationAlignment`` adds REPA's alignment term to any of them.
+and ``atdiff.objectives.repa.RepresentationAlignment`` adds REPA's alignment term to any of them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from .settings import REFUSED, SET, setting
+from ..settings import REFUSED, SET, setting
 
 ObjectiveName = Literal["flow_matching", "ddpm"]
 OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
@@ -48,29 +48,13 @@ class ObjectiveConfig:
     # the loss is (1 - distill_weight) * the objective's own + distill_weight * the teacher-matching one.
     distill_from: str | None = setting(None, on_resume=REFUSED, why=OBJECTIVE_WHY)
     distill_weight: float = setting(1.0, on_resume=REFUSED, why=OBJECTIVE_WHY, range="(0, 1]", applies_if=("distill_from", SET))
-    # REPA (atdiff.repa): align the DiT's hidden states after block repa_encoder_depth, through an MLP
+    # REPA (atdiff.objectives.repa): align the DiT's hidden states after block repa_encoder_depth, through an MLP
     # projector of width repa_projector_dim, with this frozen DINOv2's patch features (a hub id such as
     # facebook/dinov2-base, or a folder); the loss gains repa_proj_coeff * their negative cosine similarity.
     repa_encoder: str | None = setting(None, on_resume=REFUSED, why=REPA_WHY, null="no REPA")
     repa_encoder_depth: int = setting(8, on_resume=REFUSED, why=REPA_WHY, range="[1, inf)", applies_if=("repa_encoder", SET))
     repa_proj_coeff: float = setting(0.5, on_resume=REFUSED, why=REPA_WHY, range="(0, inf)", applies_if=("repa_encoder", SET))
     repa_projector_dim: int = setting(2048, on_resume=REFUSED, why=REPA_WHY, range="[1, inf)", applies_if=("repa_encoder", SET))
-
-
-def build_objective(cfg: ObjectiveConfig) -> Objective:
-    if cfg.type == "ddpm":
-        objective = DDPMObjective(cfg.prediction_type, cfg.num_train_timesteps, cfg.beta_schedule)
-    elif cfg.type == "flow_matching":
-        objective = FlowMatchingObjective(cfg.num_train_timesteps, cfg.timestep_sampling)
-    else:
-        raise ValueError(f"objective.type must be one of {list(OBJECTIVES)}, got {cfg.type!r}")
-    if cfg.distill_from:
-        objective = DistillationObjective(objective, cfg.distill_from, cfg.distill_weight)
-    if cfg.repa_encoder:
-        from .repa import RepresentationAlignment
-
-        objective = RepresentationAlignment(objective, cfg.repa_encoder, cfg.repa_encoder_depth, cfg.repa_proj_coeff, cfg.repa_projector_dim)
-    return objective
 
 
 def mean_prediction(model, x_t: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
@@ -199,7 +183,7 @@ class DistillationObjective(Objective):
 
     def load_teacher(self):
         if self.teacher is None:
-            from .models.conversion import load_pretrained
+            from ..models.conversion import load_pretrained
 
             self.teacher = load_pretrained(self.teacher_path).eval().requires_grad_(False)
         return self.teacher

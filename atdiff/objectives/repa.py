@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError, one_line
-from .objectives import Objective
+from ..errors import UsageError, one_line
+from .base import Objective
 
 # transformers model types whose last_hidden_state is [class token, register tokens, patch tokens],
 # layer-normed: DINOv2's normalised patch tokens, REPA's targets.
