@@ -25,6 +25,7 @@ from diffusers.optimization import SchedulerType
 
 from .data import DataConfig
 from .errors import UsageError, one_line
+from .generation.settings import SamplingConfig
 from .integrity import read_model_index
 from .objectives import ObjectiveConfig, build_objective
 from .pipelines import scheduler_by_name
@@ -140,27 +141,6 @@ class TrainingConfig:
     # Time data/forward/backward/optimizer separately. Free on the CPU (always on there); on CUDA it
     # synchronises the device at each phase, which slows training a little.
     profile: bool = setting(False, on_resume=APPLIED)
-
-
-@dataclass
-class SamplingConfig:
-    """How images are drawn from a trained model: the one sampling-settings type of atdiff.
-
-    The config's ``sampling`` section (training's sample grids and evals, and the defaults of
-    ``atdiff sample RUN`` / ``atdiff fid ... RUN``) and the sampling flags of ``sample``, ``fid`` and
-    ``compare`` (``atdiff.sampling.add_sampling_arguments``) all fill this. Field names are those of ``ImageDiffusionPipeline.__call__``.
-    On resume every key applies to the grids and evals from the resumed step on.
-    """
-
-    # a name from atdiff.pipelines.SCHEDULER_NAMES; None: the model's own
-    scheduler: str | None = setting(None, on_resume=APPLIED)
-    # Model calls per image; the scheduler allocates its timesteps at once. 100000 is 100x DDPM's 1000.
-    num_inference_steps: int = setting(50, on_resume=APPLIED, range="[1, 100000]")
-    guidance_scale: float = setting(1.0, on_resume=APPLIED, range="(-inf, inf)")
-    # guide only the first N channels (DiT/SiT's 3); null: all
-    guidance_channels: int | None = setting(None, on_resume=APPLIED, range="[1, inf)", null="all channels")
-    # image i's noise depends only on (seed, i)
-    seed: int = setting(0, on_resume=APPLIED, range=SEED_RANGE)
 
 
 @dataclass

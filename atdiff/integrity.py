@@ -27,6 +27,7 @@ from .files import sha256_of, write_atomic
 MANIFEST = "manifest.json"
 PIPELINE_FORMAT, PIPELINE_VERSION = "atdiff-pipeline", 1
 PIPELINE_INDEX = "model_index.json"
+LOCK_NAME = ".atdiff-run.lock"  # marks a folder as an `atdiff train` run, and locks it while one trains
 PIPELINE_MODULE = "pipeline"  # pipeline.py, written by ImageDiffusionPipeline.save_pretrained
 # Weight files diffusers would unpickle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -37,12 +37,13 @@ class Rule:
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, on_resume: str,
-            why: str = "", range: str | None = None, null: str | None = None, applies_if: tuple[str, Any] | None = None):
-    """A dataclass field with its ``Rule``."""
+            why: str = "", range: str | None = None, null: str | None = None, applies_if: tuple[str, Any] | None = None,
+            metadata: Mapping[str, Any] | None = None):
+    """A dataclass field with its ``Rule`` (and ``metadata`` a section keeps for its own uses)."""
     if on_resume not in (APPLIED, REFUSED) or (on_resume == REFUSED) != bool(why):
         raise ValueError(f"on_resume must be {APPLIED!r}, or {REFUSED!r} with the reason why")
     rule = Rule(on_resume, why, range, null, applies_if)
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rule": rule})
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={**(metadata or {}), "rule": rule})
 
 
 def rule_of(cls: type, name: str) -> Rule:

@@ -44,17 +44,10 @@ from atdiff.limits import check_training_fits
 from atdiff.processes import child_environment
 from atdiff.settings import bounds, rule_of
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
-from atdiff.sampling import (
-    SAMPLING_FLAGS,
-    SampleRecord,
-    add_sampling_arguments,
-    check_sampling,
-    check_sampling_fits,
-    load_pipeline,
-    sample_into_folder,
-    sampling_overrides,
-    use_scheduler,
-)
+from atdiff.generation.drawing import draw
+from atdiff.generation.folder import SampleRecord, check_sampling_fits, sample_into_folder
+from atdiff.generation.loading import load_pipeline, use_scheduler
+from atdiff.generation.settings import add_sampling_arguments, check_sampling, flag_of, sampling_overrides
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
 from atdiff.training.run_dir import read_stats
 
@@ -231,8 +224,7 @@ def sampling_keys(overrides: list[str], flags: dict) -> dict:
     fields = {k: v for k, v in asdict(section_from_dict(SamplingConfig, given, "sampling")).items() if k in given}
     for key, value in fields.items():
         if key in flags and flags[key] != value:
-            flag = next(f for f, k in SAMPLING_FLAGS.items() if k == key).replace("_", "-")
-            raise UsageError(f"--{flag} {flags[key]} and sampling.{key}={given[key]} both set sampling.{key}; give it once")
+            raise UsageError(f"{flag_of(key).name} {flags[key]} and sampling.{key}={given[key]} both set sampling.{key}; give it once")
     return fields
 
 
@@ -351,7 +343,7 @@ def stored(path: Path, compute) -> dict:
 def train_overrides(preset: Preset, settings: CompareSettings) -> list[str]:
     """Config overrides of every run trained here: the preset's, the user's, and the comparison's
     sampling and FID settings, so the FID the runs compute during training is the one compared."""
-    sampling = [f"sampling.{key}={json.dumps(value)}" for key, value in asdict(settings.sampling).items()]
+    sampling = settings.sampling.as_overrides()
     evals = [f"training.eval_num_images={settings.step_images}", f"training.eval_num_real={json.dumps(settings.num_real)}"]
     return [*preset.train_overrides, *sampling, *evals, *settings.overrides]
 
@@ -525,11 +517,9 @@ def sampling_speed(run_dir: str, sampling: dict, batch: int, repeats: int, devic
     sampling = SamplingConfig(**sampling)
     pipe = load_pipeline(Path(run_dir), sampling.scheduler, device)
     pipe.set_progress_bar_config(disable=True)
-    labels = [i % pipe.num_classes for i in range(batch)] if pipe.num_classes else None
 
-    def call():
-        pipe(batch_size=batch, class_labels=labels, num_inference_steps=sampling.num_inference_steps,
-             guidance_scale=sampling.guidance_scale, output_type="pt")
+    def call():  # what the FID scored: images 0..batch-1 of these settings
+        draw(pipe, sampling, range(batch))
 
     modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
     memory = model_peak_memory(call, torch.device(device), module_tensors(*modules))  # also the warm-up

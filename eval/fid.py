@@ -50,16 +50,9 @@ from atdiff.data import DATASETS, DataConfig, load_dataset, read_image
 from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import cache_dir
-from atdiff.sampling import (
-    SETTINGS_FILE,
-    SampleRecord,
-    add_sampling_arguments,
-    check_sampling_fits,
-    image_path,
-    sample_into_folder,
-    sampling_for,
-    sampling_overrides,
-)
+from atdiff.generation.folder import SETTINGS_FILE, SampleRecord, check_sampling_fits, image_path, sample_into_folder
+from atdiff.generation.loading import sampling_for
+from atdiff.generation.settings import add_sampling_arguments, sampling_overrides
 
 from .fid_cache import FeatureCache
 from .fid_statistics import FidStatistics, fid_from_statistics, is_statistics_file, read_statistics, write_statistics
@@ -294,12 +287,6 @@ def _npz_images(path: Path) -> NpzImages:
 # ------------------------------------------------------------------------------------------------
 
 
-def samples_folder_name(sampling: SamplingConfig) -> str:
-    s = sampling
-    name = f"steps{s.num_inference_steps}-guidance{s.guidance_scale:g}-seed{s.seed}" + (f"-{s.scheduler}" if s.scheduler else "")
-    return name + (f"-gch{s.guidance_channels}" if s.guidance_channels is not None else "")
-
-
 def check_pipeline_side(source, num: int | None, *, sampling: SamplingConfig | dict | None, sample_batch_size: int, device: str) -> None:
     """What sampling ``num`` images from ``source`` will need, when it is a pipeline folder: its sampling
     settings, memory for a batch and disk for the images (the folder's own model config says the sizes)."""
@@ -314,7 +301,7 @@ def check_pipeline_side(source, num: int | None, *, sampling: SamplingConfig | d
     except (OSError, ValueError):
         return  # loading the pipeline names the damaged file
     settings = sampling_for(path, sampling)
-    check_sampling_fits(model, device, path / FID_SAMPLES_DIR / samples_folder_name(settings), settings, num, sample_batch_size)
+    check_sampling_fits(model, device, path / FID_SAMPLES_DIR / settings.folder_name(), settings, num, sample_batch_size)
 
 
 def _pipeline_images(pipeline_dir: Path, num: int | None, sampling: SamplingConfig, batch_size: int, device: str) -> ImageSet:
@@ -322,7 +309,7 @@ def _pipeline_images(pipeline_dir: Path, num: int | None, sampling: SamplingConf
         raise UsageError(
             f"{pipeline_dir} is a pipeline folder: say how many images to sample from it (--num-fake N or --num-real N, N >= 1)"
         )
-    name = samples_folder_name(sampling)
+    name = sampling.folder_name()
     folder = pipeline_dir / FID_SAMPLES_DIR / name
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON line
         sample_into_folder(pipeline_dir, folder, SampleRecord(str(pipeline_dir.resolve()), sampling), num, batch_size, device)

@@ -23,7 +23,8 @@ from pathlib import Path
 from atdiff.config import ExperimentConfig
 from atdiff.files import read_json_object, remove_temp, temp_path, write_atomic
 from atdiff.pipelines import ImageDiffusionPipeline
-from atdiff.sampling import SampleRecord, sample_into_folder, use_scheduler
+from atdiff.generation.folder import SampleRecord, sample_into_folder
+from atdiff.generation.loading import use_scheduler
 
 from .fid import compute_metrics, dataset_spec
 from .inception import resolve_inception_weights

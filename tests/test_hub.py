@@ -21,6 +21,7 @@ from huggingface_hub.utils import _http
 from assets import needs_fid_assets
 from atdiff.cli import main
 from atdiff.hub import model_card, read_run
+from atdiff.eval.training_eval import TrainingEvaluator
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.training import train
 from atdiff.training.run_dir import LOCK_NAME
@@ -38,7 +39,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hub") / "tiny-atconv"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATDIFF_CACHE", str(out.parent / "cache"))  # reference statistics: not the user's cache
-        train(tiny(out, log_with="tensorboard", eval_every=3, eval_num_images=4, eval_num_real=8))
+        train(tiny(out, log_with="tensorboard", eval_every=3, eval_num_images=4, eval_num_real=8), evaluator=TrainingEvaluator)
     return out
 
 

@@ -25,6 +25,7 @@ from atdiff.config import config_from_dict
 from atdiff.errors import UsageError
 from atdiff.objectives import FlowMatchingObjective
 from atdiff.files import temp_path
+from atdiff.eval.training_eval import TrainingEvaluator
 from atdiff.training import TrainingDiverged, checkpoint, list_checkpoints, train
 
 pytestmark = needs_fashion_mnist
@@ -153,7 +154,7 @@ def test_eval_during_training_leaves_training_bit_identical(straight, tmp_path, 
 
     monkeypatch.setenv("ATDIFF_CACHE", str(tmp_path / "cache"))  # reference statistics: not the user's cache
     out = tmp_path / "run"
-    train(tiny(out, log_with="tensorboard", eval_every=3, eval_num_images=4, eval_num_real=8))
+    train(tiny(out, log_with="tensorboard", eval_every=3, eval_num_images=4, eval_num_real=8), evaluator=TrainingEvaluator)
     assert_same_run(straight[0], out)
     evals = json.loads((out / "training_stats.json").read_text())["evals"]
     assert [e["step"] for e in evals] == [3, 6]

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from ..config import ExperimentConfig
 from ..errors import UsageError, one_line
 from ..pipelines.trust import NOT_COMPONENTS, read_model_index
-from ..sampling import check_pipeline_dir
+from ..generation.loading import check_pipeline_dir
 
 ATCONV_PAPER = "https://arxiv.org/abs/2510.20092"
 TRAINING_RECORD = ("config.yaml", "training_stats.json")

@@ -41,13 +41,22 @@ def run(args: argparse.Namespace) -> int:
     check_no_conflicts(flags, args.overrides)
     cfg = load_config(args.config, [*args.overrides, *(f"{key}={json.dumps(value)}" for key, value in flags.items())])
     try:
-        result = train(cfg, resume=args.resume)
+        result = train(cfg, resume=args.resume, evaluator=training_evaluator(cfg))
     except MissingLatents as err:
         raise MissingLatents(err.problem, shlex.join(["atdiff", "encode", "--config", args.config, *args.overrides])) from None
     except TrainingDiverged as err:
         print(f"atdiff train: error: {err}", flush=True)
         return 1
     return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def training_evaluator(cfg):
+    """FID/KID during training when the config asks for it (imported only then: torch-fidelity)."""
+    if not cfg.training.eval_every:
+        return None
+    from ..eval.training_eval import TrainingEvaluator
+
+    return TrainingEvaluator
 
 
 def check_no_conflicts(flags: dict[str, object], overrides: list[str]) -> None:

@@ -8,7 +8,8 @@ model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumula
 precision, EMA, sample grids, trackers and checkpoints; a module the objective trains itself
 (``Objective.trained_module``: REPA's projector) joins the optimizer, clipping and checkpoints, never
 the EMA or a pipeline. With ``training.eval_every`` it also hands
-its EMA pipeline to an evaluator (``atdiff.eval.training_eval``) for FID and KID.
+its EMA pipeline to the evaluator it is given (``atdiff train`` gives ``atdiff.eval.training_eval``'s)
+for FID and KID.
 
 Crash safety: checkpoints (``atdiff.training.checkpoint``) are complete or absent, verified before
 they are loaded, and saved only when the weights and EMA are finite. Resuming restores model,
@@ -28,6 +29,7 @@ import statistics
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import make_image_grid
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, build_model, flat_config
@@ -64,7 +67,8 @@ from .run_dir import (
     run_lock,
     save_pipeline,
 )
-from ..sampling import use_scheduler
+from ..generation.drawing import draw
+from ..generation.loading import use_scheduler
 from .timing import RunClock, StepTimer
 from .trackers import check_tracker_installed, log_image
 
@@ -104,10 +108,25 @@ SHARDED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP
 # ------------------------------------------------------------------------------------------------
 
 
-def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
-    """Train (or continue, with ``resume="latest"`` or a checkpoint path) the run ``cfg`` describes."""
+class Evaluator(Protocol):
+    """Scores the EMA pipeline during training (``training.eval_every``); main process only."""
+
+    def __call__(self, step: int, pipeline: ImageDiffusionPipeline) -> dict: ...  # metrics, with "fid", "kid_mean", "num_fake"
+
+    def history(self, up_to: int) -> list[dict]: ...  # the stored metrics of every step up to ``up_to``
+
+
+EvaluatorFactory = Callable[[ExperimentConfig, str], Evaluator]  # (config, device) -> Evaluator
+
+
+def train(cfg: ExperimentConfig, resume: str | None = None, evaluator: EvaluatorFactory | None = None) -> TrainingResult:
+    """Train (or continue, with ``resume="latest"`` or a checkpoint path) the run ``cfg`` describes;
+    ``evaluator`` scores the EMA weights every ``training.eval_every`` steps."""
     if cfg.training.output_dir is None:
         raise UsageError("training.output_dir is not set; pass --output-dir DIR")
+    if cfg.training.eval_every and evaluator is None:
+        raise UsageError(f"training.eval_every={cfg.training.eval_every} needs an evaluator: use `atdiff train`, or call "
+                         f"train(cfg, evaluator=atdiff.eval.training_eval.TrainingEvaluator)")
     output_dir = Path(cfg.training.output_dir)
     check_output_dir(output_dir, resume)
     if resume not in (None, "latest"):
@@ -127,7 +146,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None) -> TrainingResult:
         # first so that a folder that is not a run never gets a lock file).
         check_output_dir(output_dir, resume)
         try:
-            return start_training(accelerator, cfg, output_dir, resume, objective, *data)
+            return start_training(accelerator, cfg, output_dir, resume, objective, *data, evaluator=evaluator)
         except OSError as err:
             if is_output_dir_error(output_dir, err):
                 raise output_dir_error(output_dir, err) from None
@@ -190,7 +209,7 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
 
 def start_training(
     accelerator: Accelerator, cfg: ExperimentConfig, output_dir: Path, resume: str | None, objective: Objective, dataset,
-    vae: AutoencoderKL | None,
+    vae: AutoencoderKL | None, evaluator: EvaluatorFactory | None = None,
 ) -> TrainingResult:
     """Build (or resume) everything the loop trains, under the run folder's lock, and run it with
     ``objective`` on ``dataset`` (images, or latents of ``vae``: ``atdiff.data.load_training_data``)."""
@@ -244,11 +263,7 @@ def start_training(
         rank=accelerator.process_index,
         pin_memory=accelerator.device.type == "cuda",
     )
-    evaluator = None
-    if tcfg.eval_every and accelerator.is_main_process:
-        from ..eval.training_eval import TrainingEvaluator  # torch-fidelity: imported only when evaluating
-
-        evaluator = TrainingEvaluator(cfg, str(accelerator.device))
+    scorer = evaluator(cfg, str(accelerator.device)) if tcfg.eval_every and accelerator.is_main_process else None
     carried_clock = previous_wall_clock(output_dir, progress.step) if resume_from is not None else None
     accelerator.wait_for_everyone()  # every process has read its checkpoint before the folder changes
     if accelerator.is_main_process:
@@ -257,7 +272,7 @@ def start_training(
         # TensorBoard hides what an abandoned line logged after the resumed step.
         purge = {"tensorboard": {"purge_step": progress.step + 1}} if resume_from is not None else {}
         accelerator.init_trackers("atdiff", config=flat_config(cfg), init_kwargs=purge)
-    trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=evaluator, carried_clock=carried_clock,
+    trainer = Trainer(accelerator, model, objective, state, interface, cfg, evaluator=scorer, carried_clock=carried_clock,
                       history=resumed.history, resumed_from=resume_from)
     return trainer.fit(batches, progress)
 
@@ -335,10 +350,9 @@ class Trainer:
     """
 
     def __init__(self, accelerator: Accelerator, model, objective: Objective, state: TrainingState, interface: ModelInterface, cfg: ExperimentConfig,
-                 evaluator=None, carried_clock: dict | None = None, history: list[dict] | None = None, resumed_from: Path | None = None):
+                 evaluator: Evaluator | None = None, carried_clock: dict | None = None, history: list[dict] | None = None, resumed_from: Path | None = None):
         self.accelerator, self.model, self.objective = accelerator, model, objective
         self.state, self.interface, self.cfg = state, interface, cfg
-        # evaluator(step, pipeline) -> metrics and evaluator.history(up_to) -> stored metrics; main process only
         self.evaluator = evaluator
         self.clock = RunClock(carried_clock)
         self.model_memory: dict = {}
@@ -560,22 +574,16 @@ class Trainer:
         """A grid of ``num_sample_images`` EMA samples (fixed seed and labels, so grids compare over time)."""
         self.check_finite_weights(step)
         if self.accelerator.is_main_process:
-            n, num_classes, sampling = self.tcfg.num_sample_images, self.interface.num_classes, self.cfg.sampling
+            n, sampling = self.tcfg.num_sample_images, self.cfg.sampling
             with self.clock.spent_on("sample_grids"), self.sampling_from_ema(step) as model:
                 pipe = use_scheduler(self.interface.make_pipeline(model), sampling.scheduler)
                 pipe.set_progress_bar_config(disable=True)
-                images = pipe(
-                    batch_size=n,
-                    class_labels=torch.arange(n) % num_classes if num_classes else None,
-                    num_inference_steps=sampling.num_inference_steps,
-                    guidance_scale=sampling.guidance_scale,
-                    guidance_channels=sampling.guidance_channels,
-                    generator=torch.Generator().manual_seed(sampling.seed),
-                ).images
+                images = draw(pipe, sampling, range(n))  # images 0..n-1 of `atdiff sample` with these settings
             rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
             path = self.output_dir / "samples" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            grid = make_image_grid(images, rows, n // rows)
+            grid = make_image_grid([Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image) for image in images],
+                                   rows, n // rows)
             with atomic_path(path) as partial:  # replaces whatever has the name (a link, a grid cut by a kill)
                 grid.save(partial, format="PNG")
             log_image(self.accelerator, "samples", grid, step)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 from ..errors import UsageError, os_error_line
 from ..files import TEMP_PREFIX, read_json_object, remove_temp, temp_path, write_atomic
-from ..integrity import MANIFEST, PIPELINE_INDEX, PIPELINE_MODULE, pipeline_components
+from ..integrity import LOCK_NAME, MANIFEST, PIPELINE_INDEX, PIPELINE_MODULE, pipeline_components
 from ..pipelines import ImageDiffusionPipeline
 from .checkpoint import ABANDONED, list_checkpoints
 from .tensor_tree import os_errors
 
-LOCK_NAME = ".atdiff-run.lock"  # marks the folder as an atdiff run and locks it while one trains
 STATS = "training_stats.json"
 # Errors that mean "the output folder cannot take our files", whichever file hit them.
 FULL = (errno.ENOSPC, errno.EDQUOT)

@@ -24,7 +24,7 @@ from ..integrity import write_pipeline_manifest
 from ..models.dit import DIT_SIZES, DiTModel
 from ..pipelines import ImageDiffusionPipeline
 from ..pipelines.schedulers import FLOW_PREDICTION
-from ..sampling import load_pipeline
+from ..generation.loading import load_pipeline
 from .architecture import FAMILY_CONFIG
 from .importing import check_out, save_pipeline_folder
 from .keymap import atdiff_to_diffusers, atdiff_to_timm
