@@ -1,0 +1,106 @@
+"""`atdiff sample` under `accelerate launch`: the files of one process, whatever the number of processes;
+resumable npz outputs streamed from their PNGs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from atdiff.cli import main
+from atdiff.eval.npz_images import NpzImages
+from atdiff.generation.folder import SETTINGS_FILE
+from atdiff.pipelines import ImageDiffusionPipeline
+from test_pipelines import tiny_dit
+
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddpm")
+    ImageDiffusionPipeline(model=tiny_dit(), scheduler=DDPMScheduler()).save_pretrained(folder)
+    return folder
+
+
+def sample(pipeline_dir, out, *flags: str) -> int:
+    return main(["sample", str(pipeline_dir), "--out", str(out), "--steps", "3", "--scheduler", "ddpm", "--device", "cpu", *flags])
+
+
+def launched_sample(pipeline_dir, out, processes: int, *flags: str) -> subprocess.CompletedProcess:
+    # Without a visible GPU, `--multi_gpu` starts processes that atdiff runs on the CPU over gloo.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "atdiff", "sample", str(pipeline_dir), "--out", str(out), "--steps", "3", "--scheduler", "ddpm", *flags]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def pngs(folder) -> dict[str, bytes]:
+    return {p.name: np.asarray(Image.open(p)).tobytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_two_processes_write_what_one_writes(ddpm_dir, tmp_path):
+    # 7 images: uneven shards (4 and 3), and other batches than the one-process run's.
+    assert sample(ddpm_dir, tmp_path / "one", "--num-images", "7", "--batch-size", "2") == 0
+    done = launched_sample(ddpm_dir, tmp_path / "two", 2, "--num-images", "7", "--batch-size", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("sampled 7 images") == 1 and "on 2 processes" in done.stdout  # the main process reports
+    one, two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert len(one) == 7 and one == two
+    assert json.loads((tmp_path / "one" / SETTINGS_FILE).read_text()) == json.loads((tmp_path / "two" / SETTINGS_FILE).read_text())
+
+    done = launched_sample(ddpm_dir, tmp_path / "two.npz", 2, "--num-images", "7")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sample(ddpm_dir, tmp_path / "one.npz", "--num-images", "7") == 0
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes() and a["arr_1"].tolist() == b["arr_1"].tolist()
+    assert not (tmp_path / "two.npz.partial").exists()
+
+
+def test_npz_is_streamed_in_the_adm_layout(ddpm_dir, tmp_path):
+    out = tmp_path / "s.npz"
+    assert sample(ddpm_dir, out, "--num-images", "5", "--class-labels", "2", "1") == 0
+    with np.load(out, allow_pickle=False) as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (5, 8, 8, 1)
+        assert data["arr_1"].tolist() == [2, 1, 2, 1, 2]
+        assert json.loads(str(data["atdiff_sample"]))["num_images"] == 5
+    images = NpzImages(out, "arr_0")
+    assert images._array is not None  # stored uncompressed: memory-mapped, never read whole
+    with np.load(out) as data:
+        assert images[4].permute(1, 2, 0).numpy().tobytes() == data["arr_0"][4].tobytes()
+
+
+def test_a_killed_npz_run_resumes_from_its_images(ddpm_dir, tmp_path, capsys):
+    full = tmp_path / "full.npz"
+    assert sample(ddpm_dir, full, "--num-images", "4") == 0
+    out = tmp_path / "s.npz"
+    partial = tmp_path / "s.npz.partial"
+    assert sample(ddpm_dir, partial.with_name("folder"), "--num-images", "4") == 0  # a stand-in to copy from
+    # What a run killed after two images leaves: its record and images 0 and 2.
+    partial.mkdir()
+    record = json.loads((partial.with_name("folder") / SETTINGS_FILE).read_text())
+    (partial / SETTINGS_FILE).write_text(json.dumps({**record, "num_images": 4}))
+    for name in ("000000.png", "000002.png"):
+        (partial / name).write_bytes((partial.with_name("folder") / name).read_bytes())
+    capsys.readouterr()
+    assert sample(ddpm_dir, out, "--num-images", "4") == 0
+    assert "sampled 2 images" in capsys.readouterr().out
+    with np.load(full) as a, np.load(out) as b:
+        assert a["arr_0"].tobytes() == b["arr_0"].tobytes()
+
+
+def test_resuming_with_another_count_is_refused_naming_it(ddpm_dir, tmp_path, capsys):
+    partial = tmp_path / "s.npz.partial"
+    assert sample(ddpm_dir, partial, "--num-images", "2") == 0  # a folder run, then a different one-file run
+    record = json.loads((partial / SETTINGS_FILE).read_text())
+    (partial / SETTINGS_FILE).write_text(json.dumps({**record, "num_images": 2}))
+    capsys.readouterr()
+    assert sample(ddpm_dir, tmp_path / "s.npz", "--num-images", "3") == 2
+    err = capsys.readouterr().err
+    assert "holds images sampled with other settings (num_images: 2 -> 3)" in err and "Traceback" not in err
+    assert not (tmp_path / "s.npz").exists() and sorted(p.name for p in partial.glob("*.png")) == ["000000.png", "000001.png"]
