@@ -30,16 +30,18 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, apply_override, flat_config, load_config, section_from_dict
-from atdiff.devices import check_device
+from atdiff.devices import check_device, process_state
 from atdiff.errors import UsageError
-from atdiff.files import check_writable, read_json_object, write_atomic
+from atdiff.files import check_writable, read_json_object, temp_path, write_atomic
 from atdiff.limits import check_training_fits
 from atdiff.processes import child_environment
 from atdiff.settings import bounds, rule_of
@@ -228,6 +230,7 @@ def sampling_keys(overrides: list[str], flags: dict) -> dict:
     return fields
 
 
+TRAINING_POLL_S = 5.0  # how often the other processes of a launch look whether the main one has trained the runs
 SEED_FIELD = "{seed}"  # in a run-folder entry: one finished run per training seed
 
 
@@ -330,13 +333,19 @@ def claim_comparison(out: Path, settings: CompareSettings) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def stored(path: Path, compute) -> dict:
-    """A stage's result: read if a previous run finished it, else computed and stored atomically."""
+def stored(path: Path, compute, shared: bool = True) -> dict:
+    """A stage's result: read if a previous run finished it, else computed and stored atomically by
+    the main process; ``shared``: computed by every process of a launch (sampling and scoring are
+    split over them), else by the calling process alone."""
+    state = process_state()
+    if shared:
+        state.wait_for_everyone()  # every process sees the same files: all compute, or none
     if path.is_file():
         return read_json_object(path, "delete it, and this stage is computed again")
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(result, indent=2) + "\n")
+    if state.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -543,13 +552,40 @@ def measure_in_child(fn, *args) -> dict:
 def run(args: argparse.Namespace) -> int:
     settings, preset, entries = settings_from_args(args)
     out = Path(args.out)
-    claim_comparison(out, settings)
-    command = json.loads((out / "compare.json").read_text())["command"]
-    train_runs(entries, train_overrides(preset, settings), args.jobs)
+    state = process_state()
+    with trained_by_main_process(out, state):
+        if state.is_main_process:
+            claim_comparison(out, settings)
+            train_runs(entries, train_overrides(preset, settings), args.jobs)
     results = {entry.name: evaluate_entry(entry, settings, preset, args.device) for entry in entries}
-    write_report(out, settings, command, results, mixer_differences(entries), jobs=args.jobs)
-    print(f"report: {out / 'report.md'}")
+    if state.is_main_process:
+        command = json.loads((out / "compare.json").read_text())["command"]
+        write_report(out, settings, command, results, mixer_differences(entries), jobs=args.jobs)
+        print(f"report: {out / 'report.md'}")
+    state.wait_for_everyone()
     return 0
+
+
+@contextlib.contextmanager
+def trained_by_main_process(out: Path, state):
+    """Under ``accelerate launch`` the main process trains the runs (as child processes) while the
+    others wait; then all of them sample and score. They wait on a file, not a collective, since
+    training outlasts a process group's timeout; a failure of the main process ends the launch."""
+    if state.num_processes == 1:
+        yield
+        return
+    token = broadcast_object_list([uuid.uuid4().hex if state.is_main_process else None])[0]
+    done = temp_path(out / f"trained-{token}")  # out exists once the main process has claimed it
+    if state.is_main_process:
+        yield
+        done.touch()
+    else:
+        yield
+        while not done.exists():
+            time.sleep(TRAINING_POLL_S)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        done.unlink()
 
 
 def evaluate_entry(entry: Entry, settings: CompareSettings, preset: Preset, device: str) -> dict:
@@ -559,11 +595,15 @@ def evaluate_entry(entry: Entry, settings: CompareSettings, preset: Preset, devi
         steps = fid_by_step(entry, run, settings, preset.batch_size, device)
         training = read_stats(run.run_dir)
         runs[str(run.seed)] = {"run_dir": str(run.run_dir), "fid": fid, "fid_by_step": steps, "training": training}
-        print(f"[{entry.name} seed {run.seed}] FID {fid['fid']:.2f}", flush=True)
+        if process_state().is_main_process:
+            print(f"[{entry.name} seed {run.seed}] FID {fid['fid']:.2f}", flush=True)
     # Sampling cost depends on the architecture, not on the trained weights: measured once per entry.
     first = entry.runs[0]
+    if not process_state().is_main_process:  # one process times one device; the report is the main one's
+        return {}
     speed = stored(first.results.parent / "sampling_speed.json", lambda: measure_in_child(
-        sampling_speed, str(first.run_dir), asdict(settings.sampling), preset.speed_batch, preset.speed_repeats, device))
+        sampling_speed, str(first.run_dir), asdict(settings.sampling), preset.speed_batch, preset.speed_repeats, device),
+        shared=False)
     print(f"[{entry.name}] sampling {speed['images_per_s']:.2f} img/s, model {speed['model_memory_mb']:.0f} MB", flush=True)
     training = runs[str(first.seed)]["training"]
     return {"source": str(entry.source), "token_mixer": entry.cfg.model.resolved().get("token_mixer"),

@@ -195,13 +195,16 @@ def sample_into_folder(
 ) -> tuple[int, float]:
     """Make ``folder`` hold images ``0..num_images-1`` of ``record`` (only the missing ones are
     sampled, by every process of the launch); ``pipeline`` is a loaded pipeline (with
-    ``record.sampling.scheduler`` already set) or a pipeline folder (loaded only if work is left, on
-    ``device``; None: this process's device). Returns (number sampled, seconds)."""
+    ``record.sampling.scheduler`` already set) or a pipeline folder (loaded only if work is left).
+    It samples on ``device`` (``process_device``; None: this process's device, or a loaded
+    pipeline's own). Returns (number sampled, seconds)."""
     state = process_state()
     if is_complete(folder, record, num_images):
         return 0, 0.0
-    pipe = pipeline if isinstance(pipeline, ImageDiffusionPipeline) else load_pipeline(
-        Path(pipeline), record.sampling.scheduler, process_device(device, state))
+    if isinstance(pipeline, ImageDiffusionPipeline):
+        pipe = pipeline if device is None else pipeline.to(process_device(device, state))
+    else:
+        pipe = load_pipeline(Path(pipeline), record.sampling.scheduler, process_device(device, state))
     check_drawable(pipe, record.sampling, record.class_labels)
     check_sampling_fits(pipe.model.config, pipe.device, folder, record.sampling, num_images, batch_size)
     check_claim(folder, record)  # every process refuses alike, before any waits for the others
