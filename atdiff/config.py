@@ -30,6 +30,7 @@ from .objectives import ObjectiveConfig, build_objective
 from .pipelines import scheduler_by_name
 from .pipelines.schedulers import prediction_type_of
 from .settings import APPLIED, REFUSED, SEED_RANGE, check_section, setting
+from .training_data import check_model_fits
 
 MODEL_TYPES = ("dit", "unet")
 # Trackers Accelerate can log to, plus "none".
@@ -415,13 +416,7 @@ def check_values(cfg: ExperimentConfig) -> None:
         raise UsageError("data.latent_dir is set but data.vae is not; latent stores hold VAE latents, so name the VAE in data.vae")
 
     model = cfg.model.resolved()
-    # With data.vae the model's input is the latent grid, checked against the latent store when
-    # training opens it (atdiff.latents.check_model_fits); here only pixel-space inputs are checked.
-    if not d.vae and model.get("in_channels") != d.num_channels:
-        raise UsageError(
-            f"model.in_channels is {model.get('in_channels')} but data gives {d.num_channels}-channel images; "
-            f"set model.in_channels={d.num_channels} (or data.channels)"
-        )
+    check_model_fits(model, d)  # images now; latents when training opens their store
     check_scheduler(cfg)
     guidance = cfg.sampling.guidance_scale
     if guidance != 1 and not (model.get("num_classes") and model.get("class_dropout_prob")):
@@ -434,9 +429,6 @@ def check_values(cfg: ExperimentConfig) -> None:
         raise UsageError(
             f"sampling.guidance_channels={channels}: must be at most model.in_channels ({model.get('in_channels')}), or null (all)"
         )
-    size = model.get("sample_size")
-    if size is not None and not d.vae and tuple(size if not isinstance(size, int) else (size, size)) != (d.resolution, d.resolution):
-        raise UsageError(f"model.sample_size is {size} but data.resolution is {d.resolution}; make them equal")
     check_time_convention(cfg, model)
     if cfg.objective.distill_from:
         check_teacher(cfg, model)

@@ -1,5 +1,9 @@
 """Image datasets for training and FID: Fashion-MNIST (IDX files), MNIST, CIFAR-10, any ImageFolder.
 
+The ``data`` config section (``DataConfig``), the pixel datasets it names and the shuffled batches
+training draws from them. Latent stores of these images are ``atdiff.latents``; which of the two a
+config trains on is ``atdiff.training_data``.
+
 Every dataset yields ``(image, label)``: a float tensor in [-1, 1] of shape (C, R, R) and an int
 class label. Images are deterministic functions of their index; the random flip is a batch op
 (``random_flip``) that the training loop applies, so its randomness comes from the RNG the loop
@@ -97,18 +101,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return ImageTensorDataset(fit_image(images, cfg), labels, classes)
 
 
-def load_training_data(cfg: DataConfig, with_images: bool = False) -> tuple[Dataset, "AutoencoderKL | None"]:
-    """What training reads: the images, or with ``cfg.vae`` their latent store (``atdiff.latents``)
-    and the VAE that decodes the samples; a missing store raises ``MissingLatents``. ``with_images``:
-    a store's items carry the images their latents came from (for objectives that see pixels)."""
-    if not cfg.vae:
-        return load_dataset(cfg), None
-    from .latents import load_vae, open_store
-
-    vae = load_vae(cfg.vae, cfg.vae_subfolder)
-    return open_store(cfg, vae, with_images), vae
-
-
 def fit_image(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """uint8 (..., C, H, W) -> (..., cfg.num_channels, R, R), per ``cfg.resize_mode``."""
     if images.shape[-3] == 1 and cfg.num_channels == 3:
@@ -144,22 +136,6 @@ def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror a random half of a batch (B, C, H, W) horizontally; draws from the device's global RNG."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor, torch.Tensor | None], tuple] | None:
-    """What the training loop applies to each batch on the device, drawing from the global RNG it
-    checkpoints: ``(x, images) -> (x, images)``, where ``images`` are the pixels of latent ``x`` (or
-    None) and are mirrored alike. The dataset's own ``augment`` (a latent store samples its
-    posteriors), else the random flip when ``cfg.random_flip``, else nothing (None)."""
-    own = getattr(dataset, "augment", None)
-    if own is not None:
-        return own
-    return flip_pixels if cfg.random_flip else None
-
-
-def flip_pixels(images: torch.Tensor, pixels: None = None) -> tuple[torch.Tensor, None]:
-    """``random_flip`` as a batch augmentation of pixel data (which has no separate pixels)."""
-    return random_flip(images), None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,15 +41,15 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, build_model, flat_config
-from ..data import batch_augmentation, batch_stream, load_training_data
+from ..data import batch_stream
 from ..devices import launched_without_gpu
 from ..errors import UsageError
 from ..files import atomic_path, write_atomic
-from ..latents import check_model_fits
 from ..limits import check_training_fits
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import Objective, build_objective
 from ..pipelines import ImageDiffusionPipeline, NonFiniteSamples, num_classes_of
+from ..training_data import batch_augmentation, check_model_fits, load_training_data
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
 from .resume import Resume, check_resume, record_files
@@ -193,7 +193,7 @@ def start_training(
     vae: AutoencoderKL | None,
 ) -> TrainingResult:
     """Build (or resume) everything the loop trains, under the run folder's lock, and run it with
-    ``objective`` on ``dataset`` (images, or latents of ``vae``: ``atdiff.data.load_training_data``)."""
+    ``objective`` on ``dataset`` (images, or latents of ``vae``: ``atdiff.training_data.load_training_data``)."""
     tcfg = cfg.training
     # Every process verifies on its own (reading each file once more) and reaches the same choice,
     # so a refusal stops them all rather than leaving some waiting for a broadcast.
@@ -303,8 +303,7 @@ def model_interface(model: torch.nn.Module, dataset, objective: Objective, cfg: 
             f"the model is conditioned on {num_classes} classes but data ({cfg.data.dataset}) has {found}; "
             f"set model.{key}={found} (or 0 for an unconditional model)"
         )
-    if vae is not None:
-        check_model_fits(cfg.model.resolved(), dataset)
+    check_model_fits(cfg.model.resolved(), cfg.data, dataset)
 
     def make_pipeline(network: torch.nn.Module) -> ImageDiffusionPipeline:
         # Only the main process makes pipelines: the VAE moves to the device there alone.
