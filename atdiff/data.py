@@ -28,7 +28,7 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .errors import UsageError
-from .settings import APPLIED, REFUSED, setting
+from .settings import APPLIED, REFUSED, SET, setting
 
 DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "imagefolder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
@@ -50,8 +50,8 @@ class DataConfig:
     resolution: int = setting(32, on_resume=REFUSED, why=DATA_WHY, range="[1, inf)")
     # default: FASHION_MNIST_DIR, DOWNLOAD_DIR; required for imagefolder
     root: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY)
-    # 1 or 3; default: the dataset's own (1 for the MNISTs, 3 otherwise)
-    channels: int | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
+    # default: the dataset's own (1 for the MNISTs, 3 otherwise)
+    channels: int | None = setting(None, on_resume=REFUSED, why=DATA_WHY, choices=(1, 3), null="the dataset's own")
     # pad: keep the pixels, zero-pad (or center-crop) to the resolution (28 -> 32 for the MNISTs);
     # center_crop: scale the short side to the resolution, then center-crop;
     # adm_center_crop: ADM's (and DiT/SiT's) exact crop: box-halve while the short side is at least
@@ -65,12 +65,17 @@ class DataConfig:
     # Latent diffusion: a diffusers AutoencoderKL (folder or hub id); training then reads the latent
     # store `atdiff encode` writes (atdiff.latents), in latent_dir (default: under the cache dir).
     vae: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
-    vae_subfolder: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
-    latent_dir: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY)
+    vae_subfolder: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY, applies_if=("vae", SET))
+    latent_dir: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY, applies_if=("vae", SET))
 
     @property
     def num_channels(self) -> int:
         return self.channels or NATURAL_CHANNELS[self.dataset]
+
+    def check(self) -> None:
+        """What this section's declarations cannot say on their own."""
+        if self.dataset == "imagefolder" and not self.root:
+            raise UsageError("data.root: imagefolder needs the folder that holds one subfolder of images per class")
 
 
 # ------------------------------------------------------------------------------------------------
