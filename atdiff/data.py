@@ -1,5 +1,9 @@
 """Image datasets for training and FID: Fashion-MNIST (IDX files), MNIST, CIFAR-10, any ImageFolder.
 
+The ``data`` config section (``DataConfig``), the pixel datasets it names and the shuffled batches
+training draws from them. Latent stores of these images are ``atdiff.latents``; which of the two a
+config trains on is ``atdiff.training_data``.
+
 Every dataset yields ``(image, label)``: a float tensor in [-1, 1] of shape (C, R, R) and an int
 class label. Images are deterministic functions of their index; the random flip is a batch op
 (``random_flip``) that the training loop applies, so its randomness comes from the RNG the loop
@@ -24,7 +28,7 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .errors import UsageError
-from .settings import APPLIED, REFUSED, setting
+from .settings import APPLIED, REFUSED, SET, setting
 
 DatasetName = Literal["fashion-mnist", "mnist", "cifar10", "imagefolder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
@@ -46,8 +50,8 @@ class DataConfig:
     resolution: int = setting(32, on_resume=REFUSED, why=DATA_WHY, range="[1, inf)")
     # default: FASHION_MNIST_DIR, DOWNLOAD_DIR; required for imagefolder
     root: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY)
-    # 1 or 3; default: the dataset's own (1 for the MNISTs, 3 otherwise)
-    channels: int | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
+    # default: the dataset's own (1 for the MNISTs, 3 otherwise)
+    channels: int | None = setting(None, on_resume=REFUSED, why=DATA_WHY, choices=(1, 3), null="the dataset's own")
     # pad: keep the pixels, zero-pad (or center-crop) to the resolution (28 -> 32 for the MNISTs);
     # center_crop: scale the short side to the resolution, then center-crop;
     # adm_center_crop: ADM's (and DiT/SiT's) exact crop: box-halve while the short side is at least
@@ -61,12 +65,17 @@ class DataConfig:
     # Latent diffusion: a diffusers AutoencoderKL (folder or hub id); training then reads the latent
     # store `atdiff encode` writes (atdiff.latents), in latent_dir (default: under the cache dir).
     vae: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
-    vae_subfolder: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY)
-    latent_dir: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY)
+    vae_subfolder: str | None = setting(None, on_resume=REFUSED, why=DATA_WHY, applies_if=("vae", SET))
+    latent_dir: str | None = setting(None, on_resume=REFUSED, why=FOLDER_WHY, applies_if=("vae", SET))
 
     @property
     def num_channels(self) -> int:
         return self.channels or NATURAL_CHANNELS[self.dataset]
+
+    def check(self) -> None:
+        """What this section's declarations cannot say on their own."""
+        if self.dataset == "imagefolder" and not self.root:
+            raise UsageError("data.root: imagefolder needs the folder that holds one subfolder of images per class")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,18 +104,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return image_folder(cfg)
     images, labels, classes = {"fashion-mnist": fashion_mnist, "mnist": mnist, "cifar10": cifar10}[cfg.dataset](cfg)
     return ImageTensorDataset(fit_image(images, cfg), labels, classes)
-
-
-def load_training_data(cfg: DataConfig, with_images: bool = False) -> tuple[Dataset, "AutoencoderKL | None"]:
-    """What training reads: the images, or with ``cfg.vae`` their latent store (``atdiff.latents``)
-    and the VAE that decodes the samples; a missing store raises ``MissingLatents``. ``with_images``:
-    a store's items carry the images their latents came from (for objectives that see pixels)."""
-    if not cfg.vae:
-        return load_dataset(cfg), None
-    from .latents import load_vae, open_store
-
-    vae = load_vae(cfg.vae, cfg.vae_subfolder)
-    return open_store(cfg, vae, with_images), vae
 
 
 def fit_image(images: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
@@ -144,22 +141,6 @@ def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror a random half of a batch (B, C, H, W) horizontally; draws from the device's global RNG."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
-
-
-def batch_augmentation(dataset: Dataset, cfg: DataConfig) -> Callable[[torch.Tensor, torch.Tensor | None], tuple] | None:
-    """What the training loop applies to each batch on the device, drawing from the global RNG it
-    checkpoints: ``(x, images) -> (x, images)``, where ``images`` are the pixels of latent ``x`` (or
-    None) and are mirrored alike. The dataset's own ``augment`` (a latent store samples its
-    posteriors), else the random flip when ``cfg.random_flip``, else nothing (None)."""
-    own = getattr(dataset, "augment", None)
-    if own is not None:
-        return own
-    return flip_pixels if cfg.random_flip else None
-
-
-def flip_pixels(images: torch.Tensor, pixels: None = None) -> tuple[torch.Tensor, None]:
-    """``random_flip`` as a batch augmentation of pixel data (which has no separate pixels)."""
-    return random_flip(images), None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from .config import build_model, load_config
+from .config import load_config
 from .devices import check_device
 from .errors import UsageError
 from .limits import check_forward
+from .models.model_config import build_model
 from .nn.mixer import TOKEN_MIXERS
 
 MAX_REPEATS = 1000  # a median of more passes says nothing more, and each pass of a big model may take seconds

@@ -15,6 +15,9 @@ only the pages of the images a batch reads come into memory (ImageNet-256 is ~42
 Storing the posterior of the image and of its mirror, not one latent, lets training see a flip and a
 fresh latent sample every epoch (``sample_latents``), as training on the images would: the VAE is not
 flip-equivariant, so the mirror's latent is encoded, not the latent mirrored.
+
+Made from the images of ``atdiff.data``; whether training reads a store or the images themselves
+is ``atdiff.training_data``.
 """
 
 from __future__ import annotations
@@ -339,12 +342,3 @@ def open_store(data: DataConfig, vae, with_images: bool = False) -> LatentDatase
         )
     return LatentDataset(folder, manifest, data.random_flip, load_dataset(data) if with_images else None)
 
-
-def check_model_fits(model_config: dict, dataset: LatentDataset) -> None:
-    """The model must take the store's latents: ``in_channels`` and ``sample_size`` of the latent grid."""
-    channels, height, width = dataset.sample_shape
-    if model_config.get("in_channels") != channels:
-        raise UsageError(f"model.in_channels is {model_config.get('in_channels')} but the VAE's latents have {channels} channels; set model.in_channels={channels}")
-    size = model_config.get("sample_size")
-    if size is not None and tuple(size if not isinstance(size, int) else (size, size)) != (height, width):
-        raise UsageError(f"model.sample_size is {size} but the latents are {height}x{width}; set model.sample_size={height}")

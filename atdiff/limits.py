@@ -15,15 +15,12 @@ import resource
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psutil
 import torch
 
 from .errors import UsageError
-
-if TYPE_CHECKING:
-    from .config import ExperimentConfig
 
 FLOAT_BYTES = 4  # activations are float32 (mixed precision halves some of them: still a lower bound's order)
 FILE_BLOCK = 4096  # the smallest space a file takes on common file systems (ext4, xfs, apfs)
@@ -100,20 +97,3 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def check_training_fits(cfg: ExperimentConfig) -> None:
-    """The forward passes an ``atdiff train`` run of ``cfg`` makes, each
-    against the memory of the device it will train on: a training micro-batch, the sample grid (one
-    batch of ``training.num_sample_images``) and, with evals, a sampling batch of ``training.batch_size``."""
-    t, model, device = cfg.training, cfg.model.resolved(), default_device()
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    micro = max(t.batch_size // (t.gradient_accumulation_steps * processes), 1)
-    check_forward(f"training.batch_size={t.batch_size} ({micro} images per forward pass)", model, micro, device,
-                  "lower training.batch_size, or raise training.gradient_accumulation_steps")
-    guidance = cfg.sampling.guidance_scale
-    check_forward(f"training.num_sample_images={t.num_sample_images} (the sample grid is one batch)", model,
-                  model_batch(t.num_sample_images, guidance), device, "lower training.num_sample_images")
-    if t.eval_every:
-        check_forward(f"training.batch_size={t.batch_size} (the evals sample in batches of it)", model,
-                      model_batch(t.batch_size, guidance), device, "lower training.batch_size")

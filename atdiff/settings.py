@@ -2,7 +2,8 @@
 range, what null means, when it applies, and what a resume may do with it.
 
 ``setting(default, on_resume=APPLIED, range="[1, inf)")`` is a ``dataclasses.field`` carrying a
-``Rule`` in its metadata, so the checks (``check_section``), the resume rules
+``Rule`` in its metadata (a ``Literal`` type says a key's choices where they are fixed strings;
+``choices`` where they are computed, e.g. from what a library offers), so the checks (``check_section``), the resume rules
 (``atdiff.training.resume``) and the tests read one declaration per key. A key without a rule is an
 error (``rule_of``), which a test enforces over every section.
 """
@@ -30,6 +31,7 @@ class Rule:
     on_resume: str  # APPLIED or REFUSED
     why: str = ""  # REFUSED: what another value would break
     range: str | None = None  # numeric keys: an interval such as "[1, inf)"; inf bounds are open
+    choices: tuple | None = None  # the values the key takes, where its type cannot say (computed lists, ints)
     null: str | None = None  # what null means, for keys that may be null
     # (other key of the same section, the values under which this key does anything): a key set to
     # other than its default where it does nothing is refused, not ignored.
@@ -37,12 +39,12 @@ class Rule:
 
 
 def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, on_resume: str,
-            why: str = "", range: str | None = None, null: str | None = None, applies_if: tuple[str, Any] | None = None,
-            metadata: Mapping[str, Any] | None = None):
+            why: str = "", range: str | None = None, choices: tuple | None = None, null: str | None = None,
+            applies_if: tuple[str, Any] | None = None, metadata: Mapping[str, Any] | None = None):
     """A dataclass field with its ``Rule`` (and ``metadata`` a section keeps for its own uses)."""
     if on_resume not in (APPLIED, REFUSED) or (on_resume == REFUSED) != bool(why):
         raise ValueError(f"on_resume must be {APPLIED!r}, or {REFUSED!r} with the reason why")
-    rule = Rule(on_resume, why, range, null, applies_if)
+    rule = Rule(on_resume, why, range, tuple(choices) if choices is not None else None, null, applies_if)
     return dataclasses.field(default=default, default_factory=default_factory, metadata={**(metadata or {}), "rule": rule})
 
 
@@ -64,12 +66,15 @@ def default_of(cls: type, name: str) -> Any:
 
 
 def check_section(section: str, values: Any, names: Mapping[str, str] | None = None) -> None:
-    """Every declared range and applicability of one section's dataclass instance. ``names`` (field ->
-    how to name it) names a field set by a flag too, e.g. ``--steps (sampling.num_inference_steps)``."""
+    """Every declared range, choice and applicability of one section's dataclass instance. ``names``
+    (field -> how to name it) names a field set by a flag too, e.g. ``--steps (sampling.num_inference_steps)``."""
     for field in dataclasses.fields(values):
         rule, value = rule_of(type(values), field.name), getattr(values, field.name)
+        key = (names or {}).get(field.name, f"{section}.{field.name}")
         if rule.range is not None and not (value is None and rule.null):
-            check_range((names or {}).get(field.name, f"{section}.{field.name}"), value, rule)
+            check_range(key, value, rule)
+        if rule.choices is not None and not (value is None and rule.null):
+            check_choice(key, value, rule)
         if rule.applies_if is not None:
             check_applies(section, values, field.name, rule.applies_if)
 
@@ -78,6 +83,12 @@ def check_range(key: str, value: Any, rule: Rule) -> None:
     if not in_interval(value, rule.range):
         null = f" (or null: {rule.null})" if rule.null else ""
         raise UsageError(f"{key} must be {described(rule.range)}{null}, got {value}")
+
+
+def check_choice(key: str, value: Any, rule: Rule) -> None:
+    if value not in rule.choices:
+        null = f" (or null: {rule.null})" if rule.null else ""
+        raise UsageError(f"{key}: {value!r} is not one of {list(rule.choices)}{null}")
 
 
 def applies(values: Mapping[str, Any], applies_if: tuple[str, Any] | None) -> bool:

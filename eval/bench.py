@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from atdiff.config import read_yaml, section_from_dict
+from atdiff.config_loader import read_yaml, section_from_dict
 from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import write_atomic

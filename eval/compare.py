@@ -38,19 +38,20 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 
-from atdiff.config import ExperimentConfig, SamplingConfig, TrainingConfig, apply_override, flat_config, load_config, section_from_dict
+from atdiff.config import ExperimentConfig, TrainingConfig, apply_override, flat_config, load_config
+from atdiff.config_loader import section_from_dict
 from atdiff.devices import check_device, process_state
 from atdiff.errors import UsageError
 from atdiff.files import check_writable, read_json_object, temp_path, write_atomic
-from atdiff.limits import check_training_fits
 from atdiff.processes import child_environment
 from atdiff.settings import bounds, rule_of
 from atdiff.memory import model_peak_memory, module_tensors, process_peak_memory
 from atdiff.generation.drawing import draw
 from atdiff.generation.folder import SampleRecord, check_sampling_fits, sample_into_folder
 from atdiff.generation.loading import load_pipeline, use_scheduler
-from atdiff.generation.settings import add_sampling_arguments, check_sampling, flag_of, sampling_overrides
+from atdiff.generation.settings import SamplingConfig, add_sampling_arguments, check_sampling, flag_of, sampling_overrides
 from atdiff.training.checkpoint import list_checkpoints, pipeline_at_checkpoint
+from atdiff.training.loop import check_training_fits
 from atdiff.training.run_dir import read_stats
 
 from .bench import timed

@@ -45,14 +45,14 @@ from torch_fidelity.utils import (
     resolve_feature_layer_for_metric,
 )
 
-from atdiff.config import SamplingConfig, load_config
+from atdiff.config import load_config
 from atdiff.data import DATASETS, DataConfig, load_dataset, read_image
 from atdiff.devices import check_device
 from atdiff.errors import UsageError
 from atdiff.files import cache_dir
 from atdiff.generation.folder import SETTINGS_FILE, SampleRecord, check_sampling_fits, image_path, sample_into_folder
 from atdiff.generation.loading import sampling_for
-from atdiff.generation.settings import add_sampling_arguments, sampling_overrides
+from atdiff.generation.settings import SamplingConfig, add_sampling_arguments, sampling_overrides
 
 from .fid_cache import FeatureCache
 from .fid_statistics import FidStatistics, fid_from_statistics, is_statistics_file, read_statistics, write_statistics

@@ -25,7 +25,7 @@ from assets import needs_fid_assets
 from atdiff.cli import main
 from atdiff.data import DataConfig
 from atdiff.errors import UsageError
-from atdiff.config import SamplingConfig
+from atdiff.generation.settings import SamplingConfig
 from atdiff.eval.fid import DatasetSpec, compute_metrics, image_set, parse_dataset_spec, save_statistics
 from atdiff.eval.fid_statistics import read_statistics
 from atdiff.eval.inception import FusedInceptionV3, INCEPTION_NAME, find_fid_helper_torchscript, resolve_inception_weights

@@ -10,6 +10,7 @@ from diffusers.training_utils import EMAModel
 
 from atdiff import ATConv, MixerDiTTransformer2DModel, MixerUNet2DConditionModel, MixerUNet2DModel, swap_attention
 from atdiff.models import ATConvAttention
+from atdiff.nn import MIXER_KEYS, MixerSpec
 
 
 def stock_unet() -> UNet2DModel:
@@ -255,3 +256,20 @@ def test_swap_rejects_unsupported_and_attention_free_models():
                         up_block_types=("UpBlock2D",) * 2, add_attention=False, norm_num_groups=4, layers_per_block=1)
     with pytest.raises(ValueError, match="no self-attention"):
         swap_attention(plain)
+
+
+def test_a_mixer_spec_is_the_keywords_it_holds(tmp_path):
+    """swap_attention takes a MixerSpec or its fields as keywords, alike; the model reads its spec back
+    from config.json, whose keys are the spec's fields."""
+    spec = MixerSpec("hybrid", atconv_kernel_size=5, atconv_pooling="2d")
+    by_spec = swap_attention(stock_unet().eval(), "from_attention", spec)
+    by_keys = swap_attention(stock_unet().eval(), "from_attention", token_mixer="hybrid", atconv_kernel_size=5, atconv_pooling="2d")
+    assert by_spec.mixer_spec == by_keys.mixer_spec == spec
+    assert {key: by_spec.config[key] for key in MIXER_KEYS} == spec.config()
+    assert torch.equal(run(by_spec), run(by_keys))
+    by_spec.save_pretrained(tmp_path)
+    assert MixerUNet2DModel.from_pretrained(tmp_path).mixer_spec == spec
+    with pytest.raises(TypeError, match="not both"):
+        swap_attention(stock_unet(), mixer=spec, token_mixer="atconv")
+    with pytest.raises(ValueError, match="token_mixer"):
+        MixerSpec("mamba")

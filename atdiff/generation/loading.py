@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import read_yaml, section_from_dict
+from ..config_loader import read_yaml, section_from_dict
 from ..devices import check_device
 from ..errors import UsageError, one_line
 from ..integrity import LOCK_NAME, read_model_index

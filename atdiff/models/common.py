@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from ..nn import ATConv
+from ..nn import ATConv, MixerSpec
 
 CPU_ALIGNMENT = 64  # bytes; what PyTorch's CPU allocator guarantees
 
@@ -29,7 +29,12 @@ def realign_cpu_tensors_(model: nn.Module) -> nn.Module:
 
 
 class AtdiffModelMixin:
-    """Mixed in before ``ModelMixin``: bit-exact reloads and the weight-decay exclusions."""
+    """Mixed in before ``ModelMixin``: bit-exact reloads, the weight-decay exclusions, the mixer spec."""
+
+    @property
+    def mixer_spec(self) -> MixerSpec:
+        """Which token mixers this model's layers have, from its config."""
+        return MixerSpec.from_config(self.config)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -26,7 +26,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..nn.mixer import layer_mixers, token_mixer
+from ..nn.mixer import MixerSpec
 from .common import AtdiffModelMixin
 
 # Widths of the published DiT/SiT sizes, plus CPU-sized ones for Fashion-MNIST-scale work.
@@ -141,6 +141,8 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
     ``forward(sample, timestep, class_labels)`` returns the noise/velocity prediction with
     ``out_channels`` = ``in_channels`` (the learned-sigma channels, if any, follow in channels
     ``in_channels:``). ``class_labels == num_classes`` is the null label used for guidance.
+    ``token_mixer`` and ``atconv_*`` are the fields of the blocks' ``atdiff.nn.MixerSpec`` (here with
+    attention by default).
 
     Constants that differ between the upstream codebases, so that their weights compute here what
     they computed there (``atdiff import`` sets them; the defaults are DiT's):
@@ -172,9 +174,9 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         class_dropout_prob: float = 0.1,
         learn_sigma: bool = True,
         token_mixer: str = "attention",
-        atconv_kernel_size: int = 3,
-        atconv_pooling: str = "1d",
-        atconv_inhibition: bool = True,
+        atconv_kernel_size: int = MixerSpec.atconv_kernel_size,
+        atconv_pooling: str = MixerSpec.atconv_pooling,
+        atconv_inhibition: bool = MixerSpec.atconv_inhibition,
         time_convention: str = "atdiff",
         timestep_freq_shift: float = 0.0,
         mlp_norm_eps: float = 1e-6,
@@ -190,7 +192,8 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         )
         if height % patch_size or width % patch_size:
             raise ValueError(f"sample_size {height}x{width} is not divisible by patch_size {patch_size}")
-        mixers = layer_mixers(token_mixer, depth)
+        mixer = MixerSpec(token_mixer, atconv_kernel_size, atconv_pooling, atconv_inhibition)
+        mixers = mixer.layer_kinds(depth)
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.grid = (height // patch_size, width // patch_size)
@@ -207,10 +210,8 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         self.t_embedder = TimestepEmbedding(256, hidden_size)
         self.y_embedder = LabelEmbedding(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
 
-        atconv_kwargs = dict(kernel_size=atconv_kernel_size, pooling=atconv_pooling, inhibition=atconv_inhibition)
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, token_mixer_for(kind, hidden_size, num_heads, atconv_kwargs), mlp_ratio, mlp_norm_eps)
-            for kind in mixers
+            DiTBlock(hidden_size, mixer.layer(kind, hidden_size, num_heads), mlp_ratio, mlp_norm_eps) for kind in mixers
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.gradient_checkpointing = False
@@ -278,7 +279,3 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
         if sit:  # SiT predicts data - noise, atdiff's flow noise - data
             out = -out
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-
-def token_mixer_for(kind: str, dim: int, num_heads: int, atconv_kwargs: dict) -> nn.Module:
-    return token_mixer(kind, dim, num_heads, **(atconv_kwargs if kind == "atconv" else {}))

@@ -3,9 +3,8 @@
 ``swap_attention(model)`` replaces the self-attention layers of a ``UNet2DModel``,
 ``UNet2DConditionModel`` (``attn1`` only: cross-attention stays) or ``DiTTransformer2DModel`` with
 ``ATConvAttention`` in place and turns the instance into the matching ``Mixer*`` subclass. Those
-subclasses take every argument of their diffusers class plus the token-mixer keys
-(``token_mixer``, ``atconv_kernel_size``, ``atconv_pooling``, ``atconv_inhibition``) and rebuild
-the same layers in ``__init__``. That is what makes a swapped model persistent: ``save_pretrained``
+subclasses take every argument of their diffusers class plus the token-mixer keys (the fields of
+``atdiff.nn.MixerSpec``: ``token_mixer``, ``atconv_*``) and rebuild the same layers in ``__init__``. That is what makes a swapped model persistent: ``save_pretrained``
 writes the subclass's ``_class_name`` and keys, ``from_pretrained``/``from_config`` (and diffusers'
 ``EMAModel.save_pretrained``, which copies parameters by position) construct an identical module
 tree, parameter order included, before any weights arrive. Nothing about the swap lives only in
@@ -15,6 +14,7 @@ and non-persistent buffers (the DiT's sin-cos position table) are never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
@@ -27,7 +27,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..nn.atconv import ATConv
-from ..nn.mixer import check_token_mixer, layer_mixers
+from ..nn.mixer import MIXER_KEYS, MixerSpec
 from .common import AtdiffModelMixin, realign_cpu_tensors_
 from .conversion import init_atconv_from_attention_
 
@@ -78,8 +78,9 @@ class ATConvAttention(nn.Module):
         self.grid: tuple[int, int] | None = None
 
     @classmethod
-    def replacing(cls, attn: Attention, init: str = "fresh", **atconv_kwargs) -> "ATConvAttention":
-        """A layer that can take ``attn``'s place (same widths, same norm module, same output handling).
+    def replacing(cls, attn: Attention, init: str = "fresh", mixer: MixerSpec = MixerSpec()) -> "ATConvAttention":
+        """A layer that can take ``attn``'s place (same widths, same norm module, same output handling),
+        with ``mixer``'s ATConv settings.
 
         ``init="fresh"``: DiT initialisation (xavier-uniform weights, zero biases). ``"from_attention"``:
         ``x_proj`` and ``proj`` start as the attention's value and output projections (zero bias where
@@ -88,7 +89,7 @@ class ATConvAttention(nn.Module):
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         # Biases always: from_attention needs somewhere to put to_v's / to_out's, and DiT/SiT use them.
-        atconv = ATConv(attn.query_dim, inner_dim=attn.inner_dim, out_dim=attn.out_dim, bias=True, **atconv_kwargs)
+        atconv = ATConv(attn.query_dim, inner_dim=attn.inner_dim, out_dim=attn.out_dim, bias=True, **mixer.atconv_kwargs())
         for layer in (atconv.kernel_proj, atconv.kernel_gen, atconv.x_proj, atconv.proj):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -196,23 +197,14 @@ def record_token_grid(container: nn.Module, args: tuple, kwargs: dict) -> None:
             module.grid = grid
 
 
-def replace_self_attention(
-    model: nn.Module,
-    *,
-    init: str,
-    token_mixer: str,
-    atconv_kernel_size: int,
-    atconv_pooling: str,
-    atconv_inhibition: bool,
-) -> None:
-    """Give ``model``'s self-attention layers the mixers ``token_mixer`` names (hybrid: attention,
-    ATConv, attention, ... in module order) and hook the token grid in. Builds every replacement
-    before installing any, so bad arguments leave the model untouched."""
+def replace_self_attention(model: nn.Module, mixer: MixerSpec, *, init: str) -> None:
+    """Give ``model``'s self-attention layers the mixers ``mixer`` names (hybrid: attention, ATConv,
+    attention, ... in module order) and hook the token grid in. Builds every replacement before
+    installing any, so bad arguments leave the model untouched."""
     layers = self_attention_layers(model)
-    atconv_kwargs = dict(kernel_size=atconv_kernel_size, pooling=atconv_pooling, inhibition=atconv_inhibition)
     replacements = [
-        (parent, name, ATConvAttention.replacing(attn, init, **atconv_kwargs))
-        for (parent, name, attn), kind in zip(layers, layer_mixers(token_mixer, len(layers)))
+        (parent, name, ATConvAttention.replacing(attn, init, mixer))
+        for (parent, name, attn), kind in zip(layers, mixer.layer_kinds(len(layers)))
         if kind == "atconv"
     ]
     for parent, name, layer in replacements:
@@ -228,15 +220,7 @@ def replace_self_attention(
 # ------------------------------------------------------------------------------------------------
 
 
-def swap_attention(
-    model: ModelMixin,
-    init: str = "fresh",
-    *,
-    token_mixer: str = "atconv",
-    atconv_kernel_size: int = 3,
-    atconv_pooling: str = "1d",
-    atconv_inhibition: bool = True,
-) -> ModelMixin:
+def swap_attention(model: ModelMixin, init: str = "fresh", mixer: MixerSpec | None = None, **mixer_keys) -> ModelMixin:
     """Replace the self-attention layers of a diffusers model with ATConv, in place; returns the model.
 
     Supports ``UNet2DModel``, ``UNet2DConditionModel`` (``attn1``; cross-attention ``attn2`` stays)
@@ -246,38 +230,34 @@ def swap_attention(
     Args:
         init: ``"fresh"`` (DiT initialisation) or ``"from_attention"`` (``x_proj``/``proj`` start as
             the attention's value/output projections; the kernel generator starts fresh).
-        token_mixer: ``"atconv"`` swaps every self-attention layer, ``"hybrid"`` every second one
-            (attention, ATConv, ... in module order), ``"attention"`` none (an attention baseline of
-            the same class).
-        atconv_kernel_size, atconv_pooling, atconv_inhibition: ``ATConv``'s ``kernel_size``,
-            ``pooling`` and ``inhibition``.
+        mixer: which layers become ATConv, with which settings (``MixerSpec``; ``token_mixer="atconv"``
+            swaps every self-attention layer, ``"hybrid"`` every second one, ``"attention"`` none: an
+            attention baseline of the same class). Default ``MixerSpec()``: every layer, kernel 3.
+        mixer_keys: ``MixerSpec``'s fields instead of ``mixer``, e.g. ``token_mixer="hybrid", atconv_kernel_size=5``.
     """
     mixer_class = mixer_class_for(model)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    check_token_mixer(token_mixer)
+    if mixer is not None and mixer_keys:
+        raise TypeError(f"pass a MixerSpec or its fields ({', '.join(mixer_keys)}) as keywords, not both")
+    mixer = mixer if mixer is not None else MixerSpec(**mixer_keys)
     if any(isinstance(m, ATConvAttention) for m in model.modules()):
         raise ValueError(f"this {type(model).__name__} already has ATConv layers; swap a model that has only attention")
     if not self_attention_layers(model):
         raise ValueError(f"this {type(model).__name__} has no self-attention layers to swap")
-    mixer_config = dict(
-        token_mixer=token_mixer,
-        atconv_kernel_size=atconv_kernel_size,
-        atconv_pooling=atconv_pooling,
-        atconv_inhibition=atconv_inhibition,
-    )
-    replace_self_attention(model, init=init, **mixer_config)
+    replace_self_attention(model, mixer, init=init)
     realign_cpu_tensors_(model)  # so a reload (aligned, see there) computes exactly what this model does
     model.__class__ = mixer_class
-    model.register_to_config(**mixer_config)
+    model.register_to_config(**mixer.config())
     if "_class_name" in model.config:  # set when the model came from from_pretrained
         model.register_to_config(_class_name=mixer_class.__name__)
     return model
 
 
-# The config keys a Mixer* class adds to its diffusers class: swap_attention's keyword arguments.
+# The config keys a Mixer* class adds to its diffusers class: MixerSpec's fields, with its defaults.
 MIXER_CONFIG_PARAMETERS = [
-    p for p in inspect.signature(swap_attention).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+    for f in dataclasses.fields(MixerSpec)
 ]
 
 
@@ -297,14 +277,13 @@ class MixerModelMixin(AtdiffModelMixin):
 
         __init__.__signature__ = signature_with_mixer_keys(base)
         __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-        mixer_keys = ", ".join(p.name for p in MIXER_CONFIG_PARAMETERS)
-        __init__.__doc__ = f"``{base.__name__}``'s arguments plus ``{mixer_keys}``."
+        __init__.__doc__ = f"``{base.__name__}``'s arguments plus ``{', '.join(MIXER_KEYS)}`` (a ``MixerSpec``)."
         cls.__init__ = register_to_config(__init__)
 
     def __init__(self, *args, **kwargs):
-        mixer_config = {p.name: kwargs.pop(p.name, p.default) for p in MIXER_CONFIG_PARAMETERS}
+        mixer = MixerSpec(**{key: kwargs.pop(key) for key in MIXER_KEYS if key in kwargs})
         super().__init__(*args, **kwargs)
-        replace_self_attention(self, init="fresh", **mixer_config)
+        replace_self_attention(self, mixer, init="fresh")
 
 
 def signature_with_mixer_keys(base: type) -> inspect.Signature:

@@ -14,16 +14,18 @@ and ``atdiff.objectives.repa.RepresentationAlignment`` adds REPA's alignment ter
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from ..errors import UsageError
 from ..settings import REFUSED, SET, setting
 
 ObjectiveName = Literal["flow_matching", "ddpm"]
@@ -55,6 +57,18 @@ class ObjectiveConfig:
     repa_encoder_depth: int = setting(8, on_resume=REFUSED, why=REPA_WHY, range="[1, inf)", applies_if=("repa_encoder", SET))
     repa_proj_coeff: float = setting(0.5, on_resume=REFUSED, why=REPA_WHY, range="(0, inf)", applies_if=("repa_encoder", SET))
     repa_projector_dim: int = setting(2048, on_resume=REFUSED, why=REPA_WHY, range="[1, inf)", applies_if=("repa_encoder", SET))
+
+
+def check_time_convention(cfg: ObjectiveConfig, model: Mapping[str, Any]) -> None:
+    """A SiT-convention model (imported from SiT) reads the timestep 1000 * sigma of atdiff's flow
+    objective; ``model``: its resolved arguments."""
+    from ..models.dit import SIT_TIMESTEPS
+
+    if model.get("time_convention") == "sit" and (cfg.type != "flow_matching" or cfg.num_train_timesteps != SIT_TIMESTEPS):
+        raise UsageError(
+            f"model.time_convention is sit (a SiT network), which trains with objective.type=flow_matching and "
+            f"objective.num_train_timesteps={SIT_TIMESTEPS}; got {cfg.type} with {cfg.num_train_timesteps}"
+        )
 
 
 def mean_prediction(model, x_t: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
@@ -200,3 +214,19 @@ class DistillationObjective(Objective):
         if self.weight == 1:
             return distillation
         return (1 - self.weight) * F.mse_loss(prediction, target.float()) + self.weight * distillation
+
+
+def check_teacher(path: str, student: Mapping[str, Any], trains: str) -> None:
+    """The distillation teacher (``objective.distill_from``) takes the student's inputs, predicts what the
+    objective ``trains`` (a prediction type), and drops labels at the same rate (its label dropout
+    replays the student's random draws); ``student``: the model's resolved arguments."""
+    from ..integrity import read_model_index
+    from ..models.conversion import pretrained_config
+
+    teacher = pretrained_config(path)  # a UsageError unless a pipeline or model folder
+    for key in ("in_channels", "sample_size", "num_classes", "class_dropout_prob"):
+        if key in teacher and teacher[key] != student.get(key):
+            raise UsageError(f"objective.distill_from {path}: the teacher's {key} is {teacher[key]}, the student's {student.get(key)}; they must match")
+    predicts = read_model_index(Path(path)).get("prediction_type") if Path(path, "model_index.json").is_file() else None
+    if predicts is not None and predicts != trains:
+        raise UsageError(f"objective.distill_from {path} predicts {predicts}, but this objective trains {trains}; use a teacher trained the same way")

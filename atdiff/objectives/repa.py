@@ -16,9 +16,10 @@ clean pixels: ``x0`` itself, or for latent data the images the latents came from
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,17 @@ def load_encoder(source: str | os.PathLike) -> nn.Module:
         raise UsageError(f"objective.repa_encoder: {source} is a {kind} model; REPA here takes DINOv2 encoders "
                          f"(facebook/dinov2-small, -base, -large, -giant, or a folder of one)")
     return encoder.eval().requires_grad_(False)
+
+
+def check_repa_fits(depth: int, model_type: str, model: Mapping[str, Any]) -> None:
+    """REPA aligns the hidden states after block ``depth`` of a DiT (``model``: its resolved arguments;
+    the encoder itself loads when training starts)."""
+    if model_type != "dit":
+        raise UsageError(f"objective.repa_encoder: REPA is not supported on model.type {model_type} (it aligns a DiT's "
+                         f"token states with the encoder's patches); use model.type dit or drop objective.repa_encoder")
+    if depth > model["depth"]:
+        raise UsageError(f"objective.repa_encoder_depth={depth} is beyond the model's {model['depth']} blocks; "
+                         f"use 1 to {model['depth']} (REPA: 8 of SiT-XL's 28)")
 
 
 def encoder_input(images: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:

@@ -41,11 +41,12 @@ from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from ..config import load_config, new_model
+from ..config import load_config
 from ..latents import load_vae
 from ..errors import UsageError
 from ..files import remove_temp, temp_path
 from ..integrity import MANIFEST, IntegrityError, check_files, check_nothing_unlisted, read_manifest, write_manifest
+from ..models.model_config import new_model
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline
 from .tensor_tree import load_tree, os_errors, save_tree

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 import sys
@@ -44,15 +45,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import ExperimentConfig, build_model, flat_config
-from ..data import batch_augmentation, batch_stream, load_training_data
+from ..data import batch_stream
 from ..devices import launched_without_gpu
 from ..errors import UsageError
 from ..files import atomic_path, write_atomic
-from ..latents import check_model_fits
-from ..limits import check_training_fits
+from ..limits import check_forward, default_device, model_batch
 from ..memory import model_peak_memory, module_tensors, process_peak_memory
 from ..objectives import Objective, build_objective
 from ..pipelines import ImageDiffusionPipeline, NonFiniteSamples, num_classes_of
+from ..training_data import batch_augmentation, check_model_fits, load_training_data
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
 from .resume import Resume, check_resume, record_files
@@ -155,6 +156,23 @@ def train(cfg: ExperimentConfig, resume: str | None = None, evaluator: Evaluator
             accelerator.end_training()
 
 
+def check_training_fits(cfg: ExperimentConfig) -> None:
+    """The forward passes an ``atdiff train`` run of ``cfg`` makes, each
+    against the memory of the device it will train on: a training micro-batch, the sample grid (one
+    batch of ``training.num_sample_images``) and, with evals, a sampling batch of ``training.batch_size``."""
+    t, model, device = cfg.training, cfg.model.resolved(), default_device()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = max(t.batch_size // (t.gradient_accumulation_steps * processes), 1)
+    check_forward(f"training.batch_size={t.batch_size} ({micro} images per forward pass)", model, micro, device,
+                  "lower training.batch_size, or raise training.gradient_accumulation_steps")
+    guidance = cfg.sampling.guidance_scale
+    check_forward(f"training.num_sample_images={t.num_sample_images} (the sample grid is one batch)", model,
+                  model_batch(t.num_sample_images, guidance), device, "lower training.num_sample_images")
+    if t.eval_every:
+        check_forward(f"training.batch_size={t.batch_size} (the evals sample in batches of it)", model,
+                      model_batch(t.batch_size, guidance), device, "lower training.batch_size")
+
+
 def refuse_sharded_training() -> None:
     """DeepSpeed, FSDP and Megatron-LM shard the model and optimizer over processes, while atdiff's
     checkpoints, EMA and finite checks work on whole tensors: refused until that is built and tested."""
@@ -212,7 +230,7 @@ def start_training(
     vae: AutoencoderKL | None, evaluator: EvaluatorFactory | None = None,
 ) -> TrainingResult:
     """Build (or resume) everything the loop trains, under the run folder's lock, and run it with
-    ``objective`` on ``dataset`` (images, or latents of ``vae``: ``atdiff.data.load_training_data``)."""
+    ``objective`` on ``dataset`` (images, or latents of ``vae``: ``atdiff.training_data.load_training_data``)."""
     tcfg = cfg.training
     # Every process verifies on its own (reading each file once more) and reaches the same choice,
     # so a refusal stops them all rather than leaving some waiting for a broadcast.
@@ -318,8 +336,7 @@ def model_interface(model: torch.nn.Module, dataset, objective: Objective, cfg: 
             f"the model is conditioned on {num_classes} classes but data ({cfg.data.dataset}) has {found}; "
             f"set model.{key}={found} (or 0 for an unconditional model)"
         )
-    if vae is not None:
-        check_model_fits(cfg.model.resolved(), dataset)
+    check_model_fits(cfg.model.resolved(), cfg.data, dataset)
 
     def make_pipeline(network: torch.nn.Module) -> ImageDiffusionPipeline:
         # Only the main process makes pipelines: the VAE moves to the device there alone.

@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from ..config import ExperimentConfig, ModelConfig, SECTIONS, config_from_dict
+from ..config import ExperimentConfig, SECTIONS, config_from_dict
 from ..errors import UsageError
+from ..models.model_config import ModelConfig
 from ..settings import REFUSED, Rule, applies, rule_of
 from .checkpoint import checkpoint_step, run_folder_of
 
