@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate import PartialState
 
 from .errors import UsageError
 
@@ -29,3 +30,9 @@ def launched_without_gpu() -> bool:
     visible: ``Accelerator(cpu=True)`` then runs them as one job over gloo. Left alone, Accelerate
     would start N separate single-process jobs."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch (one process, or one of ``accelerate launch``'s), on the
+    CPU over gloo where several are launched without a GPU."""
+    return PartialState(cpu=launched_without_gpu())

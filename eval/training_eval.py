@@ -25,7 +25,8 @@ from atdiff.files import read_json_object, remove_temp, temp_path, write_atomic
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.sampling import SampleRecord, sample_into_folder, use_scheduler
 
-from .fid import compute_metrics, dataset_spec
+from .metrics import ExtractorSettings, MetricChoices, compute_metrics
+from .sources import dataset_spec
 from .inception import resolve_inception_weights
 
 EVAL_FILE = re.compile(r"step-(\d+)\.json")
@@ -49,8 +50,10 @@ class TrainingEvaluator:
         with contextlib.redirect_stdout(sys.stderr):  # keep the training bar's stdout clean
             sample_into_folder(use_scheduler(pipeline, sampling.scheduler), samples, record, t.eval_num_images,
                                t.batch_size, self.device, progress=False)
-            metrics = compute_metrics(dataset_spec(self.cfg.data, t.eval_num_real), str(samples), kid=True,
-                                      num_fake=t.eval_num_images, device=self.device)
+            metrics = compute_metrics(dataset_spec(self.cfg.data, t.eval_num_real), str(samples), num_fake=t.eval_num_images,
+                                      metrics=MetricChoices(kid=True),
+                                      # the training loop evaluates on its main process alone
+                                      extractor=ExtractorSettings(device=self.device, all_processes=False))
         remove_temp(samples)
         result = {"step": step, **metrics, "num_real_asked": t.eval_num_real, "sampling": asdict(sampling)}
         write_atomic(result_file, json.dumps(result, indent=2) + "\n")
