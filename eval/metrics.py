@@ -257,31 +257,13 @@ def compute_metrics(
     fake_stats = extraction.statistics_of(fake_side, fake_features if isinstance(fake_side, ImageSet) else None)
     real_features = extraction.features(real_images) if metrics.kid or metrics.prc else None
     real_stats = extraction.statistics_of(real_side, real_features if isinstance(real_side, ImageSet) else None)
-    # FID's fast path needs the features the fake statistics came from (not a reference batch's images').
-    own = lambda layer: fake_features[layer] if isinstance(fake_side, ImageSet) else None  # noqa: E731
 
     def table() -> dict:
-        out = {"fid": fid_from_statistics(real_stats, fake_stats, own(FID_LAYER))}
-        if metrics.sfid:
-            if spatial_missing:
-                print(f"atdiff fid: no sFID: it needs spatial statistics (mu_s, sigma_s), and {' and '.join(spatial_missing)} "
-                      "has none (`atdiff fid --save-stats` writes them)", file=sys.stderr)
-            out["sfid"] = None if spatial_missing else fid_from_statistics(real_stats.spatial, fake_stats.spatial, own(SPATIAL_LAYER))
-        if metrics.kid:
-            subset = metrics.kid_subset_size or min(KID_SUBSET_SIZE, smaller)
-            kid = kid_features_to_metric(fake_features[FID_LAYER], real_features[FID_LAYER], kid_subset_size=subset, verbose=extractor.verbose)
-            out.update(kid_mean=kid[torch_fidelity.KEY_METRIC_KID_MEAN], kid_std=kid[torch_fidelity.KEY_METRIC_KID_STD])
-        if metrics.prc:  # torch-fidelity's convention: input1 is generated, input2 real (precision: fakes on the real manifold)
-            prc = prc_features_to_metric(fake_features[FID_LAYER], real_features[FID_LAYER], prc_neighborhood=PRC_NEIGHBORHOOD,
-                                         save_cpu_ram=True, verbose=extractor.verbose)
-            out.update(precision=prc[torch_fidelity.KEY_METRIC_PRECISION], recall=prc[torch_fidelity.KEY_METRIC_RECALL],
-                       f_score=prc[torch_fidelity.KEY_METRIC_F_SCORE])
-        if metrics.isc:
-            isc = isc_features_to_metric(fake_features[LOGITS_LAYER])
-            out.update(isc_mean=isc[torch_fidelity.KEY_METRIC_ISC_MEAN], isc_std=isc[torch_fidelity.KEY_METRIC_ISC_STD])
-        if metrics.adm_isc:
-            out["inception_score"] = adm_inception_score(fake_features[LOGITS_LAYER])
-        return {key: value if value is None else float(value) for key, value in out.items()}
+        if spatial_missing:
+            print(f"atdiff fid: no sFID: it needs spatial statistics (mu_s, sigma_s), and {' and '.join(spatial_missing)} "
+                  "has none (`atdiff fid --save-stats` writes them)", file=sys.stderr)
+        return metric_values(metrics, real_stats, fake_stats, real_features, fake_features,
+                             fake_from_features=isinstance(fake_side, ImageSet), verbose=extractor.verbose)
 
     out = on_main_process(table, extraction.state)
     count = lambda side: side.num_images if isinstance(side, FidStatistics) else len(side)  # noqa: E731
@@ -294,6 +276,37 @@ def compute_metrics(
         real_from_cache=real_images is None or real_images.reads == 0,
     )
     return out
+
+
+def metric_values(
+    metrics: MetricChoices, real: FidStatistics, fake: FidStatistics, real_features: dict[str, torch.Tensor] | None,
+    fake_features: dict[str, torch.Tensor] | None, *, fake_from_features: bool = True, verbose: bool = False,
+) -> dict[str, float | None]:
+    """The ``metrics`` of two sides from their statistics and features (layer -> (N, d), in image order).
+    ``fake_from_features``: ``fake`` was computed from ``fake_features`` (FID then takes a faster route to
+    the same number; not so for a reference batch, whose statistics are not its images'). ``sfid`` is
+    None where a side has no spatial statistics."""
+    own = lambda layer: fake_features[layer] if fake_from_features else None  # noqa: E731
+    out = {"fid": fid_from_statistics(real, fake, own(FID_LAYER))}
+    if metrics.sfid:
+        spatial = real.spatial is not None and fake.spatial is not None
+        out["sfid"] = fid_from_statistics(real.spatial, fake.spatial, own(SPATIAL_LAYER)) if spatial else None
+    if metrics.kid:
+        smaller = min(len(real_features[FID_LAYER]), len(fake_features[FID_LAYER]))
+        subset = metrics.kid_subset_size or min(KID_SUBSET_SIZE, smaller)
+        kid = kid_features_to_metric(fake_features[FID_LAYER], real_features[FID_LAYER], kid_subset_size=subset, verbose=verbose)
+        out.update(kid_mean=kid[torch_fidelity.KEY_METRIC_KID_MEAN], kid_std=kid[torch_fidelity.KEY_METRIC_KID_STD])
+    if metrics.prc:  # torch-fidelity's convention: input1 is generated, input2 real (precision: fakes on the real manifold)
+        prc = prc_features_to_metric(fake_features[FID_LAYER], real_features[FID_LAYER], prc_neighborhood=PRC_NEIGHBORHOOD,
+                                     save_cpu_ram=True, verbose=verbose)
+        out.update(precision=prc[torch_fidelity.KEY_METRIC_PRECISION], recall=prc[torch_fidelity.KEY_METRIC_RECALL],
+                   f_score=prc[torch_fidelity.KEY_METRIC_F_SCORE])
+    if metrics.isc:
+        isc = isc_features_to_metric(fake_features[LOGITS_LAYER])
+        out.update(isc_mean=isc[torch_fidelity.KEY_METRIC_ISC_MEAN], isc_std=isc[torch_fidelity.KEY_METRIC_ISC_STD])
+    if metrics.adm_isc:
+        out["inception_score"] = adm_inception_score(fake_features[LOGITS_LAYER])
+    return {key: value if value is None else float(value) for key, value in out.items()}
 
 
 def adm_inception_score(logits: torch.Tensor, split_size: int = ADM_ISC_SPLIT) -> float:

