@@ -119,7 +119,7 @@ class InceptionFeatures:
         self.cuda = _wants_cuda(settings.device)
         self.settings, self.layers = settings, sorted(set(layers))
         self.cache = FeatureCache((settings.cache_root or cache_dir() / "fid") if settings.cache else None)
-        self.state = process_state() if settings.all_processes else ONE_PROCESS
+        self.state = process_state() if settings.all_processes else _ONE_PROCESS
         self._network: torch.nn.Module | None = None
 
     def features(self, images: ImageSet) -> dict[str, torch.Tensor]:
@@ -189,7 +189,7 @@ class _OneProcess:
     is_main_process: bool = True
 
 
-ONE_PROCESS = _OneProcess()
+_ONE_PROCESS = _OneProcess()
 
 
 def _gather_shares(mine: torch.Tensor, share: int, total: int, state: PartialState) -> torch.Tensor:
@@ -325,9 +325,12 @@ def save_statistics(source, out: str | Path, *, num: int | None = None, extracto
     check_statistics_out(out)
     extraction = InceptionFeatures(extractor, [FID_LAYER, SPATIAL_LAYER])
     stats = extraction.statistics_of(_side(source, num))
-    if extraction.state.is_main_process:
+
+    def write() -> dict:  # once every process has checked ``out``: no process finds the main one's file there
         write_statistics(stats, out)
-    return {"saved": str(out), "source": stats.description, "num_images": stats.num_images, "feature_extractor": stats.feature_extractor}
+        return {"saved": str(out), "source": stats.description, "num_images": stats.num_images, "feature_extractor": stats.feature_extractor}
+
+    return on_main_process(write, extraction.state)
 
 
 def check_statistics_out(out: Path) -> None:
