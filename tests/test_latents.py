@@ -309,11 +309,11 @@ def test_training_on_latents_leaves_a_pipeline_that_decodes_to_images(latent_tra
 
 
 def test_sample_and_fid_read_the_latent_pipeline_with_no_extra_flag(latent_training, tmp_path):
-    from atdiff.eval.fid import image_set
+    from atdiff.eval.fid import PipelineSampling, sample_pipeline_sides
 
     assert main(["sample", str(latent_training), "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "png")]) == 0
     assert [Image.open(p).size for p in sorted((tmp_path / "png").glob("*.png"))] == [(64, 64)] * 2
-    images = image_set(str(latent_training), 2)
+    (images,) = sample_pipeline_sides([(str(latent_training), 2)], PipelineSampling(device="cpu"))
     assert images[0].shape == (3, 64, 64) and images[0].dtype == torch.uint8
 
 

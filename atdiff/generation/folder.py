@@ -22,7 +22,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..devices import check_device, process_state
+from ..devices import OneProcess, check_device, process_state
 from ..errors import UsageError, writing_to
 from ..files import atomic_path, write_atomic
 from ..limits import check_disk, check_forward, model_batch, png_folder_bytes
@@ -147,7 +147,7 @@ def check_sampling_fits(model_config: Mapping, device: torch.device | str, folde
 
 
 def fill_folder(pipe: ImageDiffusionPipeline, folder: Path, record: SampleRecord, num_images: int, batch_size: int,
-                progress: bool = True, state: PartialState | None = None) -> tuple[int, float]:
+                progress: bool = True, state: PartialState | OneProcess | None = None) -> tuple[int, float]:
     """Sample the images ``0..num_images-1`` that ``folder`` lacks, this process's share of them (every
     ``num_processes``-th); return (number sampled by all processes, seconds). The main process shows
     one bar over all of them."""
@@ -192,13 +192,15 @@ def sample_into_folder(
     batch_size: int,
     device: str | None = None,
     progress: bool = True,
+    alone: bool = False,
 ) -> tuple[int, float]:
     """Make ``folder`` hold images ``0..num_images-1`` of ``record`` (only the missing ones are
     sampled, by every process of the launch); ``pipeline`` is a loaded pipeline (with
     ``record.sampling.scheduler`` already set) or a pipeline folder (loaded only if work is left).
     It samples on ``device`` (``process_device``; None: this process's device, or a loaded
-    pipeline's own). Returns (number sampled, seconds)."""
-    state = process_state()
+    pipeline's own). ``alone``: this process samples them all, whatever the launch (the main process
+    of a training run evaluating). Returns (number sampled, seconds)."""
+    state = process_state(alone)
     if is_complete(folder, record, num_images):
         return 0, 0.0
     if isinstance(pipeline, ImageDiffusionPipeline):
@@ -215,12 +217,12 @@ def sample_into_folder(
         return fill_folder(pipe, folder, record, num_images, batch_size, progress, state)
 
 
-def process_device(requested: str | None, state: PartialState | None = None) -> str:
+def process_device(requested: str | None, state: PartialState | OneProcess | None = None) -> str:
     """The device this process samples on: ``requested``, except that under several processes a
     device type (``cuda``) means this process's own device of that type (``cuda:RANK``)."""
     state = state or process_state()
     if requested is None:
-        return str(state.device)
+        return str(process_state().device)
     check_device(requested)
     if state.num_processes > 1 and torch.device(requested).index is None and torch.device(requested).type == state.device.type:
         return str(state.device)
