@@ -131,3 +131,28 @@ def test_fid_of_a_pipeline_under_two_processes_is_the_one_process_fid(ddpm_dir, 
         assert together[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-7), key
     (one,), (two,) = (list((p / "fid_samples").iterdir()) for p in pipelines.values())
     assert one.name == two.name and pngs(one) == pngs(two) and len(pngs(one)) == 7
+
+
+def test_tf32_is_a_recorded_setting_in_effect_while_drawing(ddpm_dir, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from atdiff.generation import drawing
+
+    seen = []
+    call = ImageDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDiffusionPipeline, "__call__", spy)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert sample(ddpm_dir, tmp_path / "a", "--num-images", "2", "--no-tf32") == 0
+    assert sample(ddpm_dir, tmp_path / "b", "--num-images", "2") == 0
+    assert seen == [(False, False), (True, True)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored after
+    assert json.loads((tmp_path / "a" / SETTINGS_FILE).read_text())["tf32"] is False
+    capsys.readouterr()
+    assert sample(ddpm_dir, tmp_path / "a", "--num-images", "3") == 2  # tf32 on now: not the folder's images
+    assert "(tf32: False -> True)" in capsys.readouterr().err
+    assert drawing.SamplingConfig(tf32=False).folder_name().endswith("-no-tf32")

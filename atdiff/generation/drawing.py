@@ -7,8 +7,9 @@ draws it: a samples folder can be filled in any order, by any number of processe
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,16 +45,29 @@ def check_drawable(pipe: ImageDiffusionPipeline, sampling: SamplingConfig, class
         raise UsageError(one_line(str(err))) from None
 
 
+@contextlib.contextmanager
+def matmul_precision(tf32: bool) -> Iterator[None]:
+    """TF32 (or not) for CUDA matmuls and convolutions inside the block; the process's setting after
+    it (training keeps its own, ``training.tf32``)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def draw(pipe: ImageDiffusionPipeline, sampling: SamplingConfig, indices: Sequence[int],
          class_labels: Sequence[int] | None = None) -> np.ndarray:
     """Images ``indices`` as uint8 (N, H, W, C), in one model call per step. ``pipe`` carries the
     scheduler ``sampling.scheduler`` names (``use_scheduler``); ``class_labels`` are cycled over the
     indices (None: index % num_classes). Raises ``NonFiniteSamples`` for NaN or infinite samples."""
-    images = pipe(
-        batch_size=len(indices),
-        class_labels=labels_of(indices, class_labels, pipe.num_classes),
-        generator=[image_generator(sampling.seed, i) for i in indices],
-        output_type="np",
-        **sampling.call_arguments(),
-    ).images
+    with matmul_precision(sampling.tf32):
+        images = pipe(
+            batch_size=len(indices),
+            class_labels=labels_of(indices, class_labels, pipe.num_classes),
+            generator=[image_generator(sampling.seed, i) for i in indices],
+            output_type="np",
+            **sampling.call_arguments(),
+        ).images
     return (images * 255).round().astype(np.uint8)
