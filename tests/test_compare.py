@@ -281,3 +281,31 @@ def test_overrides_compare_would_overwrite_are_refused(extra, message, tmp_path,
     assert main(["compare", *pair, *extra, "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.startswith(f"atdiff compare: error: {message}")
     assert not (tmp_path / "out").exists()
+
+
+def test_under_two_processes_the_scores_are_one_process_scores(finished, tmp_path):
+    """`accelerate launch -m atdiff compare`: every process samples and scores its share, the main one reports."""
+    import os
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    for mixer in ("attention", "atconv"):
+        shutil.copytree(finished / f"fashion-mnist-dit-t4-{mixer}" / "seed-0" / "run", runs / mixer)
+    out = tmp_path / "out"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "atdiff",
+               "compare", str(runs / "attention"), str(runs / "atconv"), "--out", str(out), *SMALL, "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("report: ") == 1  # the main process reports, once
+    report = json.loads((out / "report.json").read_text())
+    original = json.loads((finished / "report.json").read_text())["entries"]
+    for mixer in ("attention", "atconv"):
+        ours, theirs = report["entries"][mixer]["runs"]["0"], original[f"fashion-mnist-dit-t4-{mixer}"]["runs"]["0"]
+        # the same images (image i depends only on the seed, i and its label), features gathered in order
+        assert ours["fid"]["fid"] == pytest.approx(theirs["fid"]["fid"], rel=1e-4)
+        assert [p["fid"] for p in ours["fid_by_step"]] == pytest.approx([p["fid"] for p in theirs["fid_by_step"]], rel=1e-3)
+        assert report["entries"][mixer]["sampling"]["images_per_s"] > 0
+    assert not list(out.glob(".atdiff-tmp-*"))  # the launch's own marker is gone
