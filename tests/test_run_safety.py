@@ -1,7 +1,7 @@
 """What training must never do (issue 9): load a checkpoint that fails verification, cross from one
 line of a run to another, save non-finite weights, share a folder with another run, write into a
-folder that is not a run, leave a traceback for an unwritable folder, or start sharded engines it
-cannot checkpoint. Tiny DiT and Fashion-MNIST, as in test_training."""
+folder that is not a run, or leave a traceback for an unwritable folder (engines it cannot checkpoint: test_fsdp).
+Tiny DiT and Fashion-MNIST, as in test_training."""
 
 from __future__ import annotations
 
@@ -583,15 +583,6 @@ def test_disk_full_while_writing_the_final_pipeline_says_the_checkpoint_is_fine(
 # ------------------------------------------------------------------------------------------------
 # Engines and models
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("variable, engine", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
-def test_sharded_engines_are_refused_up_front(tmp_path, monkeypatch, capsys, variable, engine):
-    monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets from `accelerate config`
-    out = tmp_path / "run"
-    assert main(["train", "--config", str(write_config(tiny(out), tmp_path / "run.yaml"))]) == 2
-    assert f"{engine} is not supported by atdiff train" in one_line_error(capsys)
-    assert not out.exists()
 
 
 def tiny_unet(output_dir: Path, **model):

@@ -159,6 +159,8 @@ class DiTModel(AtdiffModelMixin, ModelMixin, ConfigMixin):
 
     # diffusers' API: model.enable_gradient_checkpointing() recomputes each block in the backward pass.
     _supports_gradient_checkpointing = True
+    # Units that are never split: Accelerate's FSDP TRANSFORMER_BASED_WRAP shards each block on its own.
+    _no_split_modules = ["DiTBlock"]
 
     @register_to_config
     def __init__(

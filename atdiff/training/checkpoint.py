@@ -15,6 +15,8 @@ A checkpoint folder holds::
     loss_watch.json          the loop's loss-spike watch (``loop.SpikeWatch``)
     manifest.json            written last: each file above with its size and sha256
 
+Under FSDP2 the same files hold the full tensors gathered from the shards (``sharding``).
+
 Nothing in it is unpickled (Accelerate's ``save_state`` pickles RNG and custom states and loads
 them with ``weights_only=False``). It is written as ``.atdiff-tmp-checkpoint-<step>`` and renamed
 once its manifest is in, so a kill leaves either no checkpoint or a complete one; a folder whose
@@ -39,7 +41,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..config import load_config
 from ..latents import load_vae
@@ -49,6 +51,15 @@ from ..integrity import MANIFEST, IntegrityError, check_files, check_nothing_unl
 from ..models.model_config import new_model
 from ..objectives import build_objective
 from ..pipelines import ImageDiffusionPipeline
+from .sharding import (
+    gather_ema_state,
+    gather_model_state,
+    gather_optimizer_state,
+    is_sharded,
+    load_model_state,
+    load_optimizer_state,
+    shard_ema,
+)
 from .tensor_tree import load_tree, os_errors, save_tree
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -63,8 +74,8 @@ ABANDONED = "abandoned"  # where checkpoints of an abandoned line of a run are m
 class TrainingState:
     """The live objects a checkpoint saves and restores in place."""
 
-    network: torch.nn.Module  # the bare model (not the DDP wrapper)
-    ema: EMAModel
+    network: torch.nn.Module  # the bare model (not the DDP wrapper; under FSDP2 the sharded module itself)
+    ema: EMAModel  # over network's parameters: under FSDP2 its shadows are shards too
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None  # fp16 only
@@ -211,14 +222,22 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainingS
 
 
 def write_checkpoint(acc: Accelerator, partial: Path, state: TrainingState, progress: Progress, record: dict[str, str]) -> None:
-    """Fill the temporary checkpoint folder ``partial``, its manifest last."""
+    """Fill the temporary checkpoint folder ``partial``, its manifest last. A sharded (FSDP2) model's
+    state is gathered whole by every process taking part, and written by the main process as DDP's is."""
+    sharded = is_sharded(state.network)
+    model = gather_model_state(state.network) if sharded else None
+    optimizer = gather_optimizer_state(state.network, state.optimizer) if sharded else None
+    ema = gather_ema_state(state.ema)
     if acc.is_main_process:
         with os_errors(partial / "model.safetensors"):
-            save_model(state.network, str(partial / "model.safetensors"))
+            if sharded:
+                save_file(model, str(partial / "model.safetensors"), metadata={"format": "pt"})  # what save_model writes
+            else:
+                save_model(state.network, str(partial / "model.safetensors"))
             if state.objective_module is not None:
                 save_model(state.objective_module, str(partial / OBJECTIVE_FILE))
-        save_tree(partial / "ema.safetensors", state.ema.state_dict())
-        save_tree(partial / "optimizer.safetensors", state.optimizer.state_dict())
+        save_tree(partial / "ema.safetensors", ema)
+        save_tree(partial / "optimizer.safetensors", optimizer if sharded else state.optimizer.state_dict())
         save_tree(partial / "scheduler.safetensors", state.lr_scheduler.state_dict())
         if state.scaler is not None:
             save_tree(partial / "scaler.safetensors", state.scaler.state_dict())
@@ -269,16 +288,24 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path, state: TrainingS
     the accumulation steps, the only thing it is used for.)"""
     # A checkpoint verifies when its files are the ones its manifest lists, which anyone can rewrite:
     # what they hold is read as untrusted input (a pickle named .safetensors is a SafetensorError).
+    sharded = is_sharded(state.network)  # FSDP2: every process reads the full tensors and keeps its shard
     try:
-        load_model(state.network, str(checkpoint / "model.safetensors"))
+        if sharded:
+            load_model_state(state.network, load_file(str(checkpoint / "model.safetensors")))
+        else:
+            load_model(state.network, str(checkpoint / "model.safetensors"))
         if state.objective_module is not None:  # the objective keys are refused on resume: a checkpoint of this run has it
             load_model(state.objective_module, str(checkpoint / OBJECTIVE_FILE))
         state.ema.load_state_dict(load_tree(checkpoint / "ema.safetensors"))
-        state.optimizer.load_state_dict(load_tree(checkpoint / "optimizer.safetensors"))
+        if sharded:
+            shard_ema(state.ema, state.network.parameters())
+            load_optimizer_state(state.network, state.optimizer, load_tree(checkpoint / "optimizer.safetensors"))
+        else:
+            state.optimizer.load_state_dict(load_tree(checkpoint / "optimizer.safetensors"))
         state.lr_scheduler.load_state_dict(load_tree(checkpoint / "scheduler.safetensors"))
         if state.scaler is not None and (checkpoint / "scaler.safetensors").is_file():
             state.scaler.load_state_dict(load_tree(checkpoint / "scaler.safetensors"))
-    except (RuntimeError, ValueError, KeyError, TypeError, FileNotFoundError, SafetensorError) as err:  # verified, so a model or optimizer that differs
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, FileNotFoundError, SafetensorError) as err:  # verified, so a model or optimizer that differs
         raise UsageError(f"--resume {checkpoint}: does not fit this model and optimizer ({first_line(err)})") from None
     progress = read_progress(checkpoint)
     rng_file = checkpoint / f"rng-{accelerator.process_index}.safetensors"

@@ -1,7 +1,7 @@
 """The Accelerate training loop.
 
-One process or many (``accelerate launch -m atdiff train ...``, DDP; DeepSpeed and FSDP are
-refused, see ``refuse_sharded_training``). The loop knows nothing about the network or the
+One process or many (``accelerate launch -m atdiff train ...``: DDP, or FSDP2 with the settings
+``sharding.fsdp_plugin`` accepts; DeepSpeed and Megatron-LM are refused). The loop knows nothing about the network or the
 objective: ``train`` builds the parts and hands the ``Trainer`` a model, an ``Objective``
 (``objective.loss(model, x0, labels, images)``), a stream of batches and three narrow facts about the
 model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
@@ -38,13 +38,13 @@ from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import FullyShardedDataParallelPlugin, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..config import ExperimentConfig, build_model, flat_config
+from ..config import ExperimentConfig, build_model, flat_config, new_model
 from ..data import batch_stream
 from ..devices import launched_without_gpu
 from ..errors import UsageError
@@ -57,6 +57,7 @@ from ..training_data import batch_augmentation, check_model_fits, load_training_
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
 from .resume import Resume, check_resume, record_files
+from .sharding import ema_copy, fsdp_plugin, is_sharded, local_shards, use_fsdp_on_cpu
 from .run_dir import (
     STATS,
     check_output_dir,
@@ -99,10 +100,6 @@ class ModelInterface:
 # Run-folder subfolders of outputs made at a step (step-<N>.*), moved aside with an abandoned line.
 STEP_OUTPUTS = ("samples", "evals")
 
-# Accelerate's switches (set by `accelerate launch` from `accelerate config`) for engines that shard
-# the model and optimizer over processes.
-SHARDED_ENGINES = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
-
 
 # ------------------------------------------------------------------------------------------------
 # Set-up
@@ -132,13 +129,13 @@ def train(cfg: ExperimentConfig, resume: str | None = None, evaluator: Evaluator
     check_output_dir(output_dir, resume)
     if resume not in (None, "latest"):
         checkpoint_folder(resume, output_dir)  # a mistyped path is refused before the folder is created
-    refuse_sharded_training()
+    plugin = fsdp_plugin(cfg)
     check_tracker_installed(cfg.training.log_with)
     check_training_fits(cfg)
     objective = build_objective(cfg.objective)
     objective.load()  # e.g. REPA's encoder: one that does not load stops here, before the run folder is touched
     data = load_training_data(cfg.data, with_images=objective.needs_pixels)  # before any work: a latent config may lack its store
-    accelerator = make_accelerator(cfg, output_dir)
+    accelerator = make_accelerator(cfg, output_dir, plugin)
     if cfg.training.compile:
         check_compile(accelerator.device)
     with run_lock(output_dir) if accelerator.is_main_process else nullcontext():
@@ -173,17 +170,6 @@ def check_training_fits(cfg: ExperimentConfig) -> None:
                       model_batch(t.batch_size, guidance), device, "lower training.batch_size")
 
 
-def refuse_sharded_training() -> None:
-    """DeepSpeed, FSDP and Megatron-LM shard the model and optimizer over processes, while atdiff's
-    checkpoints, EMA and finite checks work on whole tensors: refused until that is built and tested."""
-    for variable, engine in SHARDED_ENGINES.items():
-        if parse_flag_from_env(variable):
-            raise UsageError(
-                f"{engine} is not supported by atdiff train ({variable} is set, e.g. by `accelerate config`); "
-                f"use multi-GPU DDP: `accelerate launch --multi_gpu -m atdiff train ...`"
-            )
-
-
 def check_compile(device: torch.device) -> None:
     """torch.compile builds its kernels at the first step; build a tiny one now, so that a backend that
     cannot (no C++ compiler, an unsupported device) is one line before the run folder is touched."""
@@ -194,11 +180,13 @@ def check_compile(device: torch.device) -> None:
         raise UsageError(f"training.compile: torch.compile cannot build kernels on {device} here ({reason}); set training.compile=false") from None
 
 
-def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
+def make_accelerator(cfg: ExperimentConfig, output_dir: Path, plugin: FullyShardedDataParallelPlugin | None = None) -> Accelerator:
+    """The accelerator of ``cfg``'s training settings; ``plugin``: FSDP2's (``sharding.fsdp_plugin``)."""
     tcfg = cfg.training
     try:
         accelerator = Accelerator(
             cpu=launched_without_gpu(),
+            fsdp_plugin=plugin,
             mixed_precision=tcfg.mixed_precision,
             # Sync by step count, not at epoch ends: an optimizer step is always a full batch.
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -212,6 +200,8 @@ def make_accelerator(cfg: ExperimentConfig, output_dir: Path) -> Accelerator:
         )
     except ValueError as err:  # a precision this device does not support
         raise UsageError(f"training.mixed_precision={tcfg.mixed_precision}: {err}") from err
+    if plugin is not None:
+        use_fsdp_on_cpu(accelerator, plugin)
     # Accelerate turns TF32 on only with its dynamo backend: set here, for matmuls and cuDNN alike.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tcfg.tf32
     if tcfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":  # Accelerate would silently use fp32
@@ -248,11 +238,16 @@ def start_training(
     set_seed(tcfg.seed, device_specific=True)
     interface = model_interface(model, dataset, objective, cfg, vae)
 
-    ema = make_ema(model, tcfg)
     optimizer = make_optimizer(model, tcfg, objective.trained_module())
     lr_scheduler = make_lr_scheduler(optimizer, tcfg)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    state = TrainingState(accelerator.unwrap_model(model), ema, optimizer, lr_scheduler, accelerator.scaler, objective.trained_module())
+    network = accelerator.unwrap_model(model)
+    # The EMA follows the prepared parameters: under FSDP2 these are this process's shards (DTensors),
+    # so its shadows are shards too. Its update is elementwise, so shard by shard it is exactly the
+    # full update, at 1/N of the memory and with no communication; the shadows are gathered only to
+    # be written (checkpoints) or sampled from (grids, evals, the final pipeline).
+    ema = make_ema(network, tcfg)
+    state = TrainingState(network, ema, optimizer, lr_scheduler, accelerator.scaler, objective.trained_module())
     if tcfg.compile:  # only the training forward runs compiled; state.network stays the plain module it shares weights with
         model = torch.compile(model)
 
@@ -477,6 +472,7 @@ class Trainer:
         resident = [*module_tensors(state.network), *optimizer_state, *state.ema.shadow_params]
         if state.objective_module is not None:
             resident += module_tensors(state.objective_module)
+        resident = local_shards(resident)  # under FSDP2, what this process holds
         outcome = []
         self.model_memory = model_peak_memory(lambda: outcome.append(self.train_step(batches, stop)), self.accelerator.device, resident)
         return outcome[0]
@@ -542,10 +538,18 @@ class Trainer:
 
     @contextmanager
     def ema_weights(self):
-        """Run the bare model with its EMA weights, in eval mode, without touching training state
-        (the global RNGs are forked: sampling here must not change what training draws next)."""
-        device, network, ema = self.accelerator.device, self.state.network, self.state.ema
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        """The bare model with its EMA weights, in eval mode, on the main process (None on the others,
+        which must call this too: under FSDP2 they hand over their shards), without touching training
+        state (the global RNGs are forked: sampling here must not change what training draws next)."""
+        acc, network, ema = self.accelerator, self.state.network, self.state.ema
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+            if is_sharded(network):
+                copy = ema_copy(network, ema, lambda: new_model(self.cfg.model), acc.is_main_process)
+                yield copy.to(acc.device).eval() if copy is not None else None
+                return
+            if not acc.is_main_process:
+                yield None
+                return
             ema.store(network.parameters())
             ema.copy_to(network.parameters())
             network.eval()
@@ -557,8 +561,11 @@ class Trainer:
 
     def check_finite_weights(self, step: int) -> None:
         """Stop a run whose update made weights non-finite before any output is made of them (checkpoints,
-        grids, evals). Every process holds the same weights, so all stop alike."""
-        bad = nonfinite_count([*self.state.trained_parameters(), *self.state.ema.shadow_params])
+        grids, evals). Under DDP every process holds the same weights; under FSDP2 each counts in its
+        shards and the counts are summed: all stop alike."""
+        bad = nonfinite_count(local_shards([*self.state.trained_parameters(), *self.state.ema.shadow_params]))
+        if is_sharded(self.state.network):
+            bad = int(self.accelerator.reduce(torch.tensor(bad, device=self.accelerator.device), "sum"))
         if bad:
             raise self.diverged(f"after step {step}, {bad} weights of the model, its EMA or the objective's are not finite")
 
@@ -570,7 +577,7 @@ class Trainer:
 
     @contextmanager
     def sampling_from_ema(self, step: int):
-        """The EMA weights to sample from (main process); finite weights that still sample NaN have blown up: a divergence."""
+        """The EMA weights to sample from (main process; None elsewhere); finite weights that still sample NaN have blown up: a divergence."""
         try:
             with self.ema_weights() as model:
                 yield model
@@ -580,9 +587,9 @@ class Trainer:
     def evaluate(self, step: int) -> None:
         """FID and KID of the EMA weights, to the tracker and (with the next checkpoint) training_stats.json."""
         self.check_finite_weights(step)
-        if self.accelerator.is_main_process:
-            with self.clock.spent_on("evals"), self.sampling_from_ema(step) as model:
-                result = self.evaluator(step, self.interface.make_pipeline(model))
+        with self.clock.spent_on("evals"), self.sampling_from_ema(step) as model:
+            result = self.evaluator(step, self.interface.make_pipeline(model)) if model is not None else None
+        if result is not None:
             self.accelerator.log({"eval/fid": result["fid"], "eval/kid": result["kid_mean"]}, step=step)
             tqdm.write(f"step {step}: FID {result['fid']:.2f}, KID {result['kid_mean']:.4f} ({result['num_fake']} EMA samples)")
         self.accelerator.wait_for_everyone()
@@ -590,12 +597,13 @@ class Trainer:
     def save_sample_grid(self, step: int) -> None:
         """A grid of ``num_sample_images`` EMA samples (fixed seed and labels, so grids compare over time)."""
         self.check_finite_weights(step)
-        if self.accelerator.is_main_process:
-            n, sampling = self.tcfg.num_sample_images, self.cfg.sampling
-            with self.clock.spent_on("sample_grids"), self.sampling_from_ema(step) as model:
+        n, sampling = self.tcfg.num_sample_images, self.cfg.sampling
+        with self.clock.spent_on("sample_grids"), self.sampling_from_ema(step) as model:
+            if model is not None:
                 pipe = use_scheduler(self.interface.make_pipeline(model), sampling.scheduler)
                 pipe.set_progress_bar_config(disable=True)
                 images = draw(pipe, sampling, range(n))  # images 0..n-1 of `atdiff sample` with these settings
+        if self.accelerator.is_main_process:
             rows = max(r for r in range(1, math.isqrt(n) + 1) if n % r == 0)
             path = self.output_dir / "samples" / f"step-{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -608,8 +616,8 @@ class Trainer:
 
     def save_pipeline(self) -> None:
         """Make ``output_dir`` a diffusers pipeline folder with the EMA weights."""
-        if self.accelerator.is_main_process:
-            with self.ema_weights() as model:
+        with self.ema_weights() as model:
+            if model is not None:
                 save_pipeline(self.output_dir, self.interface.make_pipeline(model))
         self.accelerator.wait_for_everyone()
 
@@ -634,6 +642,7 @@ class Trainer:
             "model": {"class": type(network).__name__, "token_mixer": network.config.get("token_mixer")},
             "device": str(self.accelerator.device),
             "num_processes": self.accelerator.num_processes,
+            "sharding": "fsdp2" if is_sharded(network) else None,  # None: every process holds the whole model (DDP)
             "mixed_precision": self.tcfg.mixed_precision,
             "config_history": self.history,
             **self.timer.summary(self.tcfg.batch_size),
