@@ -98,3 +98,17 @@ def test_engines_and_fsdp_settings_atdiff_cannot_checkpoint_are_refused_up_front
     assert main(["train", "--config", str(write_config(tiny(out), tmp_path / "run.yaml"))]) == 2
     assert message in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_repa_under_fsdp_is_refused_up_front(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    out = tmp_path / "run"
+    raw = tiny(out).to_dict()
+    # Refused before the encoder is loaded: the folder need not exist.
+    raw["objective"].update(repa_encoder=str(tmp_path / "encoder"), repa_encoder_depth=1, repa_projector_dim=8)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "objective.repa_encoder with FSDP" in one_line_error(capsys)
+    assert not out.exists()
