@@ -5,6 +5,7 @@ refused before any work."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,14 +61,10 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(tmp_path):
     launch(tmp_path, write_config(tiny(fsdp, **settings), tmp_path / "fsdp-run.yaml"), *fsdp_run)
 
     stats = yaml.safe_load((fsdp / "training_stats.json").read_text())
-    assert stats["sharding"] == "fsdp2" and stats["num_processes"] == 2
-    # The same pipeline folder and checkpoints as DDP's, with weights equal to float tolerance
-    # (FSDP reduce-scatters the gradients where DDP all-reduces them).
+    assert stats["sharding"] == "fsdp2" and stats["num_processes"] == 2 and stats["model"]["class"] == "DiTModel"
+    # The same pipeline folder and checkpoints as DDP's, with weights equal to float tolerance.
     assert files(fsdp) == files(ddp)
-    final_ddp, final_fsdp = load_file(ddp / WEIGHTS), load_file(fsdp / WEIGHTS)
-    assert final_ddp.keys() == final_fsdp.keys()
-    for key in final_ddp:
-        torch.testing.assert_close(final_fsdp[key], final_ddp[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert_close_weights(fsdp / WEIGHTS, ddp / WEIGHTS)
     # The optimizer state is stored in DDP's layout (parameters by index), gathered whole.
     ddp_optimizer, fsdp_optimizer = load_tree(ddp / "checkpoint-4/optimizer.safetensors"), load_tree(fsdp / "checkpoint-4/optimizer.safetensors")
     assert fsdp_optimizer["param_groups"] == ddp_optimizer["param_groups"]
@@ -82,6 +79,20 @@ def test_fsdp2_trains_as_ddp_does_and_resumes_exactly(tmp_path):
     assert (fsdp / ABANDONED).is_dir() and [s for s, _ in list_checkpoints(fsdp)] == [2, 4]
     assert {name: (fsdp / "checkpoint-4" / name).read_bytes() for name in STATE_FILES} == uninterrupted
     assert (fsdp / WEIGHTS).read_bytes() == final
+
+    # One format: DDP's checkpoint resumes under FSDP and ends where DDP did.
+    shutil.copytree(ddp, crossed := tmp_path / "crossed")
+    launch(tmp_path, write_config(tiny(crossed, **settings), tmp_path / "crossed.yaml"), *fsdp_run, resume=crossed / "checkpoint-2")
+    assert yaml.safe_load((crossed / "training_stats.json").read_text())["sharding"] == "fsdp2"
+    assert_close_weights(crossed / WEIGHTS, ddp / WEIGHTS)
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
+    """Equal to float tolerance: FSDP reduce-scatters the gradients where DDP all-reduces them."""
+    weights_a, weights_b = load_file(a), load_file(b)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("environment, message", [

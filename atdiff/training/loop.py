@@ -1,8 +1,8 @@
 """The Accelerate training loop.
 
 One process or many (``accelerate launch -m atdiff train ...``: DDP, or FSDP2 with the settings
-``sharding.fsdp_plugin`` accepts; DeepSpeed and Megatron-LM are refused). The loop knows nothing about the network or the
-objective: ``train`` builds the parts and hands the ``Trainer`` a model, an ``Objective``
+``sharding.fsdp_plugin`` accepts; DeepSpeed and Megatron-LM are refused). The loop knows nothing
+about the network or the objective: ``train`` builds the parts and hands the ``Trainer`` a model, an ``Objective``
 (``objective.loss(model, x0, labels, images)``), a stream of batches and three narrow facts about the
 model (``ModelInterface``); the loop adds AdamW with warm-up, clipping, accumulation, mixed
 precision, EMA, sample grids, trackers and checkpoints; a module the objective trains itself
@@ -57,7 +57,7 @@ from ..training_data import batch_augmentation, check_model_fits, load_training_
 from .checkpoint import Progress, TrainingState, checkpoint_folder, find_checkpoint, load_checkpoint, make_head, save_checkpoint
 from .optim import apply_settings, make_ema, make_lr_scheduler, make_optimizer
 from .resume import Resume, check_resume, record_files
-from .sharding import ema_copy, fsdp_plugin, is_sharded, local_shards, use_fsdp_on_cpu
+from .sharding import ema_copy, fsdp_plugin, is_sharded, local_shards, model_class, use_fsdp_on_cpu
 from .run_dir import (
     STATS,
     check_output_dir,
@@ -639,7 +639,7 @@ class Trainer:
             "skipped_steps": progress.skipped_steps,
             "batch_size": self.tcfg.batch_size,
             "params": sum(p.numel() for p in network.parameters()),
-            "model": {"class": type(network).__name__, "token_mixer": network.config.get("token_mixer")},
+            "model": {"class": model_class(network).__name__, "token_mixer": network.config.get("token_mixer")},
             "device": str(self.accelerator.device),
             "num_processes": self.accelerator.num_processes,
             "sharding": "fsdp2" if is_sharded(network) else None,  # None: every process holds the whole model (DDP)

@@ -92,6 +92,11 @@ def is_sharded(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def model_class(module: torch.nn.Module) -> type:
+    """The class a model was built as (``fully_shard`` swaps in a subclass ``FSDP<name>`` mixing in ``FSDPModule``)."""
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def local_shards(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """This process's part of each tensor (all of a plain one): what it holds in memory and checks."""
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
