@@ -40,8 +40,8 @@ class NpzImages(Dataset):
             with archive.open(self.info) as stream:
                 shape, fortran, dtype = read_npy_header(stream)
                 self.data_start = stream.tell()  # offset of the first image inside the member
-        if dtype != np.uint8 or len(shape) != 4 or fortran:
-            raise UsageError(f"{self.path}: expected uint8 images (N, H, W, C), got {dtype} {shape}")
+        if dtype != np.uint8 or len(shape) != 4 or fortran or 0 in shape[1:]:
+            raise UsageError(f"{self.path}: expected uint8 images (N, H, W, C) of at least one pixel, got {dtype} {shape}")
         if shape[-1] in (1, 3):
             self.channels_last = True
         elif shape[1] in (1, 3):

@@ -245,6 +245,10 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         (FID_STATS, statistics_files(mu=np.zeros(FEATURE_DIM, np.complex64))),
         (FID_STATS, statistics_files(sigma=((10**6, 10**6), "<f8"))),
         (FID_STATS, statistics_files(sigma=None)),
+        ("fid {root}/real.npz npz:{root}/empty.npz --device cpu",
+         lambda w: (statistics_files()(w), np.savez(w.root / "empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8)))),
+        ("fid {pipe} {root}/samples --num-real 2 --num-fake 100000000000 --device cpu",
+         lambda w: main(["sample", str(w.pipe), "--out", str(w.root / "samples"), "--num-images", "2", "--device", "cpu"])),
     ],
     "compare": [
         (f"{COMPARE} --device bogus", None),
