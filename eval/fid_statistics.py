@@ -43,8 +43,9 @@ class FidStatistics:
     description: str
     num_images: int | None = None  # unknown for pytorch-fid/clean-fid/ADM files
     feature_extractor: str | None = None  # unknown for files atdiff did not write
-    # sFID's statistics of the same images (a file's mu_s, sigma_s), where known. A file's are checked
-    # when sFID asks for them (``spatial_statistics``), so a damaged pair never stops a plain FID.
+    # sFID's statistics of the same images (a file's mu_s, sigma_s), where known. Their values are checked
+    # when sFID asks for them (``spatial_statistics``), so a pair of other features never stops a plain
+    # FID; a file with one of the two, or a header no statistics have, is refused on reading (``check_members``).
     spatial: FidStatistics | None = None
 
     @classmethod
