@@ -224,6 +224,9 @@ def sample_into_folder(
     check_drawable(pipe, record.sampling, record.class_labels)
     check_sampling_fits(pipe.model.config, pipe.device, folder, record.sampling, num_images, batch_size)
     check_claim(folder, record)  # every process refuses alike, before any waits for the others
+    # ... and has checked before the main one claims: a process that looked while the record was being
+    # written would find a folder "not written by atdiff sample" (the record's temporary file alone).
+    state.wait_for_everyone()
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
     with writing_to(folder, OUTPUT_FIX):
         if state.is_main_process:
