@@ -84,6 +84,8 @@ def _sampling_plan(pipeline_dir: Path, num: int | None, how: PipelineSampling, d
         raise UsageError(
             f"{pipeline_dir} is a pipeline folder: say how many images to sample from it (--num-fake N or --num-real N, N >= 1)"
         )
+    if how.batch_size < 1:
+        raise UsageError(f"--sample-batch-size must be at least 1, got {how.batch_size}")
     sampling = sampling_for(pipeline_dir, how.sampling)
     folder = pipeline_dir / FID_SAMPLES_DIR / sampling.folder_name()
     config = pipeline_dir / "model" / "config.json"

@@ -12,6 +12,7 @@ channels of Inception's ``mixed_6/conv`` (17 x 17 x 7 = 2023 values an image, ``
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from atdiff.errors import UsageError
 from atdiff.files import atomic_path
+
+from .npz_images import read_npy_header
 
 FEATURE_DIM = 2048  # Inception-v3 pool_3, what every published FID statistic holds
 SPATIAL_DIM = 17 * 17 * 7  # ADM's sFID features: mixed_6/conv's first 7 channels on its 17 x 17 grid
@@ -40,8 +43,9 @@ class FidStatistics:
     description: str
     num_images: int | None = None  # unknown for pytorch-fid/clean-fid/ADM files
     feature_extractor: str | None = None  # unknown for files atdiff did not write
-    # sFID's statistics of the same images (a file's mu_s, sigma_s), where known. A file's are checked
-    # when sFID asks for them (``spatial_statistics``), so a damaged pair never stops a plain FID.
+    # sFID's statistics of the same images (a file's mu_s, sigma_s), where known. Their values are checked
+    # when sFID asks for them (``spatial_statistics``), so a pair of other features never stops a plain
+    # FID; a file with one of the two, or a header no statistics have, is refused on reading (``check_members``).
     spatial: FidStatistics | None = None
 
     @classmethod
@@ -70,21 +74,59 @@ def read_statistics(path: str | os.PathLike) -> FidStatistics:
     """The statistics in an ADM, pytorch-fid, clean-fid or atdiff ``.npz``; UsageError if it holds none."""
     path = Path(path)
     try:
+        check_members(path)
         with np.load(path, allow_pickle=False) as npz:
-            if not {"mu", "sigma"} <= set(npz.files):
-                raise UsageError(f"{path}: not FID statistics (no mu and sigma arrays; it has {npz.files})")
             mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
             num = int(npz["num_images"]) if "num_images" in npz.files else None
             extractor = str(npz["feature_extractor"]) if "feature_extractor" in npz.files else None
-            has_spatial = {"mu_s", "sigma_s"} <= set(npz.files)
+            has_spatial = "mu_s" in npz.files
             spatial = (npz["mu_s"].astype(np.float64), npz["sigma_s"].astype(np.float64)) if has_spatial else None
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    except UsageError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UsageError(f"{path}: not a readable statistics .npz ({err})") from None
     check_statistics(mu, sigma, FEATURE_DIM, f"{path}:", ("mu", "sigma"), "FID here uses Inception-v3 pool_3")
     description = f"{path} (statistics)"
     if spatial is not None:
         spatial = FidStatistics(*spatial, description, num, extractor)
     return FidStatistics(mu, sigma, description, num, extractor, spatial)
+
+
+def check_members(path: Path) -> None:
+    """Refuse, from the ``.npy`` headers alone (before any array is read), a statistics file whose
+    members are missing, of the wrong kind, or claim more values than any FID statistics hold: a
+    damaged header would otherwise have numpy allocate what it claims (terabytes)."""
+    headers = npz_headers(path)
+    if not {"mu", "sigma"} <= set(headers):
+        raise UsageError(f"{path}: not FID statistics (no mu and sigma arrays; it has {sorted(headers)})")
+    if ("mu_s" in headers) != ("sigma_s" in headers):
+        present, absent = ("mu_s", "sigma_s") if "mu_s" in headers else ("sigma_s", "mu_s")
+        raise UsageError(f"{path} has {present} but no {absent}: sFID's statistics come as a pair, so the file is damaged; "
+                         f"rewrite it (`atdiff fid --save-stats`) or drop {present}")
+    for name, (shape, dtype) in headers.items():
+        if name in ("mu", "sigma", "mu_s", "sigma_s"):
+            if dtype.kind not in "biuf":
+                raise UsageError(f"{path}: {name} holds {dtype}, not real numbers; the file is corrupted or not FID statistics")
+            if math.prod(shape) > FEATURE_DIM**2:
+                raise UsageError(f"{path}: {name} claims shape {shape}, more values than FID statistics hold "
+                                 f"(at most {FEATURE_DIM}x{FEATURE_DIM}); the file is corrupted or not FID statistics")
+        elif name == "num_images" and (shape != () or dtype.kind not in "iu"):
+            raise UsageError(f"{path}: num_images is {dtype} {shape}, not an integer; the file is corrupted")
+        elif name == "feature_extractor" and (shape != () or dtype.kind != "U"):
+            raise UsageError(f"{path}: feature_extractor is {dtype} {shape}, not a string; the file is corrupted")
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every ``.npy`` member of an ``.npz``, read from its header only."""
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with archive.open(name) as stream:
+                shape, _, dtype = read_npy_header(stream)
+            headers[name.removesuffix(".npy")] = (shape, dtype)
+    return headers
 
 
 def check_statistics(mu: np.ndarray, sigma: np.ndarray, dim: int, where: str, names: tuple[str, str], features: str) -> None:

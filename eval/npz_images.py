@@ -22,6 +22,13 @@ from atdiff.errors import UsageError
 LOCAL_HEADER_SIZE = 30
 
 
+def read_npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the ``.npy`` array ``stream`` is at the start of; the stream is left at its data."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read_header(stream)
+
+
 class NpzImages(Dataset):
     """uint8 (C, H, W) images of an ``.npz`` member holding (N, H, W, C) or (N, C, H, W) uint8."""
 
@@ -31,12 +38,10 @@ class NpzImages(Dataset):
         with zipfile.ZipFile(self.path) as archive:
             self.info = archive.getinfo(f"{member}.npy")
             with archive.open(self.info) as stream:
-                version = np.lib.format.read_magic(stream)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read_header(stream)
+                shape, fortran, dtype = read_npy_header(stream)
                 self.data_start = stream.tell()  # offset of the first image inside the member
-        if dtype != np.uint8 or len(shape) != 4 or fortran:
-            raise UsageError(f"{self.path}: expected uint8 images (N, H, W, C), got {dtype} {shape}")
+        if dtype != np.uint8 or len(shape) != 4 or fortran or 0 in shape[1:]:
+            raise UsageError(f"{self.path}: expected uint8 images (N, H, W, C) of at least one pixel, got {dtype} {shape}")
         if shape[-1] in (1, 3):
             self.channels_last = True
         elif shape[1] in (1, 3):

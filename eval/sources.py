@@ -30,7 +30,7 @@ from torch_fidelity.utils import glob_samples_paths
 from atdiff.config import load_config
 from atdiff.data import DATASETS, DataConfig, load_dataset, read_image
 from atdiff.errors import UsageError
-from atdiff.generation.folder import SETTINGS_FILE, image_path
+from atdiff.generation.folder import SETTINGS_FILE, image_path, png_names
 
 from .fid_statistics import FidStatistics, is_statistics_file, read_statistics
 from .npz_images import NpzImages
@@ -159,8 +159,12 @@ def resolve_source(source, num: int | None = None) -> ImageSet | FidStatistics |
 def sampled_images(folder: Path, num: int, description: str) -> ImageSet:
     """The first ``num`` images of an ``atdiff sample`` folder. Image i depends only on (seed, i), so
     these are the set a run of ``num`` images writes, whatever else the folder holds."""
+    present = png_names(folder)  # one listing: a huge --num-fake is refused at once, not stat by stat
+    if num > len(present):
+        raise UsageError(f"{folder} holds {len(present)} samples, fewer than the {num} asked for; "
+                         f"fill it with `atdiff sample` first or ask for fewer")
     files = [image_path(folder, i) for i in range(num)]
-    missing = sum(not file.is_file() for file in files)
+    missing = sum(file.name not in present for file in files)
     if missing:
         raise UsageError(f"{folder} lacks {missing} of the first {num} samples; fill it with `atdiff sample` first")
     return ImageSet(ImageFiles([str(file) for file in files]), description)

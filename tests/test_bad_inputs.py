@@ -11,24 +11,30 @@ instead of exhausting the machine.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import resource
 import shlex
 import shutil
 import signal
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
 from safetensors.torch import load
 
 from assets import needs_fashion_mnist
 from atdiff.cli import main
+from atdiff.eval.fid_statistics import FEATURE_DIM
+from atdiff.generation.folder import SETTINGS_FILE
 from atdiff.integrity import write_pipeline_manifest
 from atdiff.pipelines import ImageDiffusionPipeline
 from atdiff.training.checkpoint import list_checkpoints, write_checkpoint_manifest
@@ -113,6 +119,45 @@ def link_in_run(name: str) -> Callable[[Workspace], None]:
     return setup
 
 
+def killed_run(image: Callable[[Path], None], suffix: str = ".npz") -> Callable[[Workspace], None]:
+    """What a killed ``sample --out {root}/out.npz --num-images 2`` (or ``out.png``, by ``suffix``) leaves,
+    its record and both images, with image 1 then replaced by ``image(path)``: only the file is left to assemble."""
+    def setup(w: Workspace) -> None:
+        partial = w.root / f"out{suffix}.partial"
+        assert main(["sample", str(w.pipe), "--out", str(partial), "--num-images", "2", "--device", "cpu"]) == 0
+        record = json.loads((partial / SETTINGS_FILE).read_text())
+        (partial / SETTINGS_FILE).write_text(json.dumps({**record, "num_images": 2}))
+        image(partial / "000001.png")
+    return setup
+
+
+def png_of(mode: str, size: int = 8, format: str = "PNG") -> Callable[[Path], None]:
+    return lambda path: Image.new(mode, (size, size)).save(path, format=format)
+
+
+def truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:70])
+
+
+def statistics_files(**fake) -> Callable[[Workspace], None]:
+    """{root}/real.npz, valid FID statistics, and {root}/fake.npz: the same with ``fake``'s members
+    (an ndarray; None: left out; a (shape, dtype) pair: an .npy header claiming it, without the data)."""
+    def setup(w: Workspace) -> None:
+        members = {"mu": np.zeros(FEATURE_DIM, np.float32), "sigma": np.eye(FEATURE_DIM, dtype=np.float32)}
+        np.savez(w.root / "real.npz", **members)
+        with zipfile.ZipFile(w.root / "fake.npz", "w") as archive:
+            for name, value in {**members, **fake}.items():
+                if value is None:
+                    continue
+                buffer = io.BytesIO()
+                if isinstance(value, tuple):
+                    np.lib.format.write_array_header_1_0(buffer, {"descr": value[1], "fortran_order": False, "shape": value[0]})
+                else:
+                    np.lib.format.write_array(buffer, value, allow_pickle=False)
+                archive.writestr(f"{name}.npy", buffer.getvalue())
+    return setup
+
+
 def bench_config(text: str) -> Callable[[Workspace], None]:
     return write_file("bench.yaml", text)
 
@@ -126,6 +171,8 @@ MAIN_TRAIN = "train --config {repo}/configs/fashion-mnist-dit-t4-atconv.yaml --o
 RESUME = "train --config {run}/config.yaml --output-dir {run} --resume latest"
 SAMPLE = "sample {pipe} --out {out} --num-images 2 --device cpu"
 FID = "fid {pipe} {pipe} --num-real 2 --num-fake 2 --device cpu"
+FID_STATS = "fid {root}/real.npz {root}/fake.npz --device cpu"
+SAMPLE_NPZ = "sample {pipe} --out {root}/out.npz --num-images 2 --device cpu"
 COMPARE = "compare {config} {root}/tiny2.yaml --out {out} --device cpu"
 PYTHON_TAG = "!!python/object/apply:os.system ['echo pwned']"
 
@@ -175,6 +222,12 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         (SAMPLE, edit_pipe_json("scheduler/scheduler_config.json", num_train_timesteps=int(BIG))),
         (SAMPLE, edit_pipe_json("model/config.json", sample_size=65536)),
         ("sample {pipe} --out {out}/x.gif --num-images 2 --device cpu", None),
+        (SAMPLE_NPZ, killed_run(png_of("I;16"))),
+        (SAMPLE_NPZ, killed_run(png_of("P"))),
+        (SAMPLE_NPZ, killed_run(png_of("L", format="JPEG"))),
+        (SAMPLE_NPZ, killed_run(truncated)),
+        (SAMPLE_NPZ, killed_run(png_of("L", size=16))),
+        (SAMPLE_NPZ.replace(".npz", ".png"), killed_run(png_of("RGB"), ".png")),
     ],
     "fid": [
         (f"{FID} --steps {BIG}", None),
@@ -186,6 +239,16 @@ CASES: dict[str, list[tuple[str, Callable[[Workspace], None] | None]]] = {
         ("fid {root}/missing {pipe} --num-fake 2 --device cpu", None),
         ("fid {pipe} --save-stats {root}/stats.txt --num-real 2", None),
         (FID, write_file("pipe/config.yaml", f"sampling: {PYTHON_TAG}\n")),
+        (f"{FID} --sample-batch-size 0", None),
+        (FID_STATS, statistics_files(mu_s=np.zeros(7))),
+        (FID_STATS, statistics_files(num_images=np.arange(3))),
+        (FID_STATS, statistics_files(mu=np.zeros(FEATURE_DIM, np.complex64))),
+        (FID_STATS, statistics_files(sigma=((10**6, 10**6), "<f8"))),
+        (FID_STATS, statistics_files(sigma=None)),
+        ("fid {root}/real.npz npz:{root}/empty.npz --device cpu",
+         lambda w: (statistics_files()(w), np.savez(w.root / "empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8)))),
+        ("fid {pipe} {root}/samples --num-real 2 --num-fake 100000000000 --device cpu",
+         lambda w: main(["sample", str(w.pipe), "--out", str(w.root / "samples"), "--num-images", "2", "--device", "cpu"])),
     ],
     "compare": [
         (f"{COMPARE} --device bogus", None),

@@ -156,3 +156,28 @@ def test_tf32_is_a_recorded_setting_in_effect_while_drawing(ddpm_dir, tmp_path, 
     assert sample(ddpm_dir, tmp_path / "a", "--num-images", "3") == 2  # tf32 on now: not the folder's images
     assert "(tf32: False -> True)" in capsys.readouterr().err
     assert drawing.SamplingConfig(tf32=False).folder_name().endswith("-no-tf32")
+
+
+def test_a_launch_refuses_a_foreign_image_in_its_partial_folder_naming_it(ddpm_dir, tmp_path):
+    # A killed npz run's folder, complete, with image 1 replaced by a 16-bit PNG: only the main process
+    # reads the images (to assemble the npz); the launch must end, naming the file, keeping the folder.
+    partial = tmp_path / "s.npz.partial"
+    assert sample(ddpm_dir, partial, "--num-images", "2") == 0
+    record = json.loads((partial / SETTINGS_FILE).read_text())
+    (partial / SETTINGS_FILE).write_text(json.dumps({**record, "num_images": 2}))
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(partial / "000001.png")
+    done = launched_sample(ddpm_dir, tmp_path / "s.npz", 2, "--num-images", "2")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("atdiff sample: error:")]
+    assert errors == [f"atdiff sample: error: {partial / '000001.png'} is a PNG image in mode I;16, not an 8-bit gray or RGB PNG "
+                      "as `atdiff sample` writes; delete it and rerun to sample it again"], done.stderr[-3000:]
+    assert not (tmp_path / "s.npz").exists() and sorted(p.name for p in partial.glob("*.png")) == ["000000.png", "000001.png"]
+
+
+def test_a_linked_partial_folder_is_unlinked_never_emptied(ddpm_dir, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "s.npz.partial").symlink_to(target, target_is_directory=True)
+    assert sample(ddpm_dir, tmp_path / "s.npz", "--num-images", "2") == 0
+    assert (tmp_path / "s.npz").is_file() and not (tmp_path / "s.npz.partial").exists()
+    assert sorted(p.name for p in target.iterdir()) == ["000000.png", "000001.png", SETTINGS_FILE]  # what the link led to stays

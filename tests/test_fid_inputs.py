@@ -103,7 +103,7 @@ def test_fid_is_never_negative(tmp_path):
         ({"mu": np.zeros(512), "sigma": np.eye(512)}, "512-d statistics"),
         ({"mu": np.zeros(FEATURE_DIM), "sigma": np.eye(3)}, "not a \\(d,\\) mean"),
         ({"mu": np.full(FEATURE_DIM, np.nan), "sigma": np.eye(FEATURE_DIM)}, "non-finite"),
-        ({"mu": np.array([{"a": 1}], dtype=object), "sigma": np.eye(2)}, "not a readable statistics"),
+        ({"mu": np.array([{"a": 1}], dtype=object), "sigma": np.eye(2)}, "mu holds object, not real numbers"),
         ({"mu": np.zeros(FEATURE_DIM), "sigma": -np.eye(FEATURE_DIM)}, "sigma is not a covariance \\(a negative eigenvalue, -1"),
         ({"mu": np.zeros(FEATURE_DIM), "sigma": np.triu(np.ones((FEATURE_DIM, FEATURE_DIM)))}, "sigma is not a covariance \\(not symmetric"),
     ],

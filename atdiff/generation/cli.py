@@ -8,12 +8,11 @@ folder, by the main process, once every image exists; a rerun of a killed comman
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from ..devices import check_device, process_state
 from ..errors import UsageError, writing_to
-from ..files import check_writable
+from ..files import check_writable, remove_temp
 from ..limits import check_disk, check_memory
 from .drawing import labels_of
 from .folder import OUTPUT_FIX, SampleRecord, image_bytes, process_device, sample_into_folder
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             else:
                 labels = labels_of(range(args.num_images), args.class_labels, pipe.num_classes)
                 write_npz(folder, args.num_images, labels, out, record.flat())
-        shutil.rmtree(folder)
+        remove_temp(folder)  # a link in its place is removed, never what it points to
     if sampled:
         processes = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
         print(f"sampled {sampled} images in {seconds:.1f} s{processes}: {sampled / seconds:.2f} images/s -> {out}")

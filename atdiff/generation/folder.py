@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..devices import OneProcess, check_device, process_state
-from ..errors import UsageError, writing_to
+from ..errors import UsageError, one_line, writing_to
 from ..files import atomic_path, write_atomic
 from ..limits import check_disk, check_forward, model_batch, png_folder_bytes
 from ..pipelines import ImageDiffusionPipeline
@@ -65,13 +65,27 @@ def missing_indices(folder: Path, num_images: int) -> list[int]:
 
 
 def read_images(folder: Path, indices) -> np.ndarray:
-    """uint8 (N, H, W, C) of the PNGs ``indices``."""
-    return np.stack([read_image(folder, i) for i in indices])
+    """uint8 (N, H, W, C) of the PNGs ``indices``, which must all have the first one's size."""
+    first = read_image(folder, indices[0])
+    return np.stack([first, *(read_image(folder, i, first.shape) for i in indices[1:])])
 
 
-def read_image(folder: Path, index: int) -> np.ndarray:
-    image = np.asarray(Image.open(image_path(folder, index)))
-    return image[..., None] if image.ndim == 2 else image
+def read_image(folder: Path, index: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """uint8 (H, W, C) of PNG ``index``, refused (naming it) unless it is what ``save_png_atomically``
+    writes, an 8-bit gray or RGB PNG (of ``shape``, if given): a folder can be edited between runs."""
+    path, fix = image_path(folder, index), "delete it and rerun to sample it again"
+    try:
+        with Image.open(path) as file:
+            if file.format != "PNG" or file.mode not in ("L", "RGB"):
+                raise UsageError(f"{path} is a {file.format} image in mode {file.mode}, not an 8-bit gray or RGB PNG "
+                                 f"as `atdiff sample` writes; {fix}")
+            image = np.asarray(file)
+    except OSError as err:  # not an image, or a truncated one
+        raise UsageError(f"{path} is not a readable image ({one_line(str(err))}); {fix}") from None
+    image = image[..., None] if image.ndim == 2 else image
+    if shape is not None and image.shape != shape:
+        raise UsageError(f"{path} is {image.shape}, {image_path(folder, 0)} is {shape}; the images of one output have one size")
+    return image
 
 
 def save_png_atomically(image: np.ndarray, path: Path) -> None:
@@ -210,6 +224,9 @@ def sample_into_folder(
     check_drawable(pipe, record.sampling, record.class_labels)
     check_sampling_fits(pipe.model.config, pipe.device, folder, record.sampling, num_images, batch_size)
     check_claim(folder, record)  # every process refuses alike, before any waits for the others
+    # ... and has checked before the main one claims: a process that looked while the record was being
+    # written would find a folder "not written by atdiff sample" (the record's temporary file alone).
+    state.wait_for_everyone()
     pipe.set_progress_bar_config(disable=True)  # one bar over images instead of one per batch
     with writing_to(folder, OUTPUT_FIX):
         if state.is_main_process:

@@ -21,7 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..errors import UsageError
 from ..files import atomic_path
-from .folder import check_same_settings, image_path, read_image, read_images
+from .folder import check_same_settings, read_image, read_images
 
 RECORD_KEY = "atdiff_sample"  # where a grid (PNG text chunk, JPEG comment) or npz keeps its settings
 GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -69,10 +69,7 @@ def write_npz(folder: Path, num_images: int, labels: Sequence[int] | None, path:
                       "shape": (num_images, *first.shape)}
             np.lib.format.write_array_header_1_0(member, header)
             for i in range(num_images):
-                image = read_image(folder, i)
-                if image.shape != first.shape:
-                    raise UsageError(f"{image_path(folder, i)} is {image.shape}, {image_path(folder, 0)} is {first.shape}; "
-                                     f"an npz holds images of one size")
+                image = read_image(folder, i, first.shape)
                 member.write(np.ascontiguousarray(image).tobytes())
         arrays = {RECORD_KEY: np.array(json.dumps(record))}
         if labels is not None:
