@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"atdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # a command that never imported torch joined no process group
+            from .devices import end_process_group
+
+            end_process_group()
 
 
 if __name__ == "__main__":

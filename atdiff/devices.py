@@ -50,3 +50,11 @@ def process_state(alone: bool = False) -> PartialState | OneProcess:
     """This process's place in the launch (one process, or one of ``accelerate launch``'s), on the
     CPU over gloo where several are launched without a GPU; ``alone``: as if it were the only one."""
     return OneProcess() if alone else PartialState(cpu=launched_without_gpu())
+
+
+def end_process_group() -> None:
+    """Leave the launch's process group, if this process joined one (``process_state`` under
+    ``accelerate launch``). Left to the interpreter's exit, gloo's threads can abort the process
+    ("terminate called without an active exception") after its work is done."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
