@@ -16,7 +16,7 @@ from .processes import end_with_parent
 COMMANDS = {
     "info": ("atdiff.info", "build the attention and ATConv models of a config; print parameters and forward time"),
     "encode": ("atdiff.encode", "precompute a latent config's VAE latents into a latent store (resumable, multi-GPU)"),
-    "train": ("atdiff.training.cli", "train a diffusion model from a YAML config (Accelerate)"),
+    "train": ("atdiff.train_cli", "train a diffusion model from a YAML config (Accelerate)"),
     "sample": ("atdiff.generation.cli", "generate images from a trained pipeline folder"),
     "fid": ("atdiff.eval.fid", "FID (and sFID, KID, IS, precision/recall: ADM's table) between two image sets"),
     "card": ("atdiff.hub.card_cli", "write the model card (README.md) of a finished run"),

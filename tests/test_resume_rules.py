@@ -198,7 +198,7 @@ def test_a_flag_and_a_key_value_for_one_key_must_agree(tmp_path, capsys):
 
 
 def test_a_flag_and_a_key_value_that_agree_are_one_setting():
-    from atdiff.training.cli import check_no_conflicts
+    from atdiff.train_cli import check_no_conflicts
 
     check_no_conflicts({"training.batch_size": 8}, ["training.batch_size=8", "training.learning_rate=1e-3"])
 

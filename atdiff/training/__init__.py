@@ -8,7 +8,10 @@
 - ``tensor_tree``: state dicts (optimizer, LR schedule, EMA, RNG) as pickle-free safetensors,
 - ``timing``: step timer and the run's wall clock (memory figures: ``atdiff.memory``),
 - ``trackers``: ``training.log_with`` checked before the run, sample grids to TensorBoard and wandb,
-- ``cli``: ``atdiff train``.
+- ``sharding``: FSDP2 (its engine settings; full state dicts for the checkpoints).
+
+The ``atdiff train`` command is ``atdiff.train_cli``, above this package and ``atdiff.eval`` (it hands
+the loop its FID evaluator).
 """
 
 from .checkpoint import list_checkpoints, pipeline_at_checkpoint

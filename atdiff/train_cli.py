@@ -1,4 +1,5 @@
-"""``atdiff train``: the command line of the training loop."""
+"""``atdiff train``: the command line of the training loop. It sits above ``atdiff.training`` and
+``atdiff.eval``: it hands the loop the FID evaluator, so training never imports eval."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import shlex
 
 import yaml
 
-from ..config import load_config
-from ..errors import UsageError
-from ..latents import MissingLatents
-from .loop import TrainingDiverged, train
+from .config import load_config
+from .errors import UsageError
+from .latents import MissingLatents
+from .training.loop import TrainingDiverged, train
 
 EXIT_INTERRUPTED = 130  # the shell's code for a Ctrl-C'd command
 
@@ -54,7 +55,7 @@ def training_evaluator(cfg):
     """FID/KID during training when the config asks for it (imported only then: torch-fidelity)."""
     if not cfg.training.eval_every:
         return None
-    from ..eval.training_eval import TrainingEvaluator
+    from .eval.training_eval import TrainingEvaluator
 
     return TrainingEvaluator
 
